@@ -1,0 +1,101 @@
+// Statement classification with PostgreSQL's own parser (libpg_query): what kind each
+// statement of a query string is, whether it can change data, which tables it touches.
+// Text the parser rejects fails closed: one statement of kind `other` that is a write.
+#pragma once
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "policy/config.hpp"
+
+namespace pgwarden::policy {
+
+enum class StatementKind : std::uint8_t {
+    kSelect, kInsert, kUpdate, kDelete, kMerge, kCopyIn, kCopyOut, kDdl, kTruncate,
+    kBegin, kCommit, kRollback, kSavepoint, kRelease, kRollbackTo, kPrepareTransaction,
+    kCommitPrepared, kSet, kShow, kCall, kDo, kExplain, kLock, kListen, kNotify,
+    kMaintenance, kOther,
+};
+inline constexpr std::size_t kStatementKindCount = static_cast<std::size_t>(StatementKind::kOther) + 1;
+// The spec's names: "select", "copy_in", "rollback_to", ...
+const char* to_string(StatementKind kind);
+std::optional<StatementKind> statement_kind_from_string(std::string_view name);
+// Kinds that are writes by their nature (insert, update, delete, merge, copy_in, ddl,
+// truncate, call, do); other statements can still be writes (see StatementInfo::is_write).
+bool is_write_kind(StatementKind kind);
+
+// What one statement of a query string is.
+struct StatementInfo {
+    StatementKind kind = StatementKind::kOther;
+    bool is_write = true;        // can change data (fails closed)
+    bool parse_error = false;    // the parser rejected the text
+    bool row_locking = false;    // SELECT ... FOR UPDATE/SHARE/...
+    std::uint32_t location = 0;  // byte offset of the statement in the query text
+    std::uint32_t length = 0;    // byte length (to the end of the text for the last one)
+    std::vector<std::string> tables;  // relations touched, "schema.name" or "name" as written
+
+    // Transaction control details.
+    bool chain = false;               // COMMIT/ROLLBACK AND CHAIN
+    bool is_end_alias = false;        // END (commit) / ABORT (rollback) spelling
+    bool is_start_transaction = false;  // START TRANSACTION rather than BEGIN
+    std::string savepoint;            // SAVEPOINT / RELEASE / ROLLBACK TO name
+    std::string gid;                  // PREPARE TRANSACTION / COMMIT|ROLLBACK PREPARED id
+
+    // SET / RESET of a configuration parameter (kind kSet).
+    std::string set_name;             // lower-cased; "" with RESET ALL
+    std::optional<std::string> set_value;  // nullopt: RESET / SET ... TO DEFAULT
+    bool set_local = false;
+    bool reset_all = false;
+
+    // SQL-level prepared statements.
+    std::string prepare_name;         // PREPARE name AS ...: kind/is_write are the inner statement's
+    std::string execute_name;         // EXECUTE name
+    std::string deallocate_name;      // DEALLOCATE name
+    bool deallocate_all = false;
+
+    // sqlcommenter tags from comments in this statement's text: key -> value, decoded.
+    std::vector<std::pair<std::string, std::string>> tags;
+
+    std::string_view tag(std::string_view key) const;  // "" when absent
+};
+
+struct Classification {
+    std::vector<StatementInfo> statements;  // in order; empty for an empty query
+    bool any_write() const;
+};
+
+// Classifies query strings; keeps the results of recent texts in a bounded LRU cache.
+// Not thread-safe: each proxy thread owns one.
+class Classifier {
+public:
+    explicit Classifier(ClassifyConfig config);
+    ~Classifier();
+
+    std::shared_ptr<const Classification> classify(std::string_view sql);
+
+    std::size_t cache_size() const;
+    std::uint64_t cache_hits() const { return hits_; }
+    std::uint64_t cache_misses() const { return misses_; }
+
+private:
+    Classification classify_uncached(std::string_view sql) const;
+
+    ClassifyConfig config_;
+    using Entry = std::pair<std::string, std::shared_ptr<const Classification>>;
+    std::list<Entry> lru_;
+    std::unordered_map<std::string_view, std::list<Entry>::iterator> index_;
+    std::uint64_t hits_ = 0, misses_ = 0;
+};
+
+// sqlcommenter tags of a comment body ("client='tenant:42',route='%2Fhome'"):
+// key='value' pairs separated by commas, values URL-decoded and \' unescaped.
+// Malformed pairs are skipped.
+std::vector<std::pair<std::string, std::string>> parse_comment_tags(std::string_view comment);
+
+}  // namespace pgwarden::policy

@@ -1,0 +1,116 @@
+// Process lifetime: configuration loading with command-line overrides, signals, listeners.
+#include "proxy/app.hpp"
+
+#include <chrono>
+#include <iostream>
+
+#include "pgwarden_version.hpp"
+#include "proxy/asio.hpp"
+#include "proxy/event_log.hpp"
+#include "proxy/listener.hpp"
+#include "proxy/runtime.hpp"
+
+namespace pgwarden::proxy {
+
+std::optional<policy::Config> load_configuration(const std::string& file, const CommandLine& overrides,
+                                                 std::vector<std::string>& problems) {
+    policy::LoadResult loaded;
+    if (file.empty())
+        loaded = policy::load_config_text("", "<defaults>");
+    else
+        loaded = policy::load_config_file(file);
+    for (const auto& e : loaded.errors) problems.push_back(e.to_string());
+    if (!loaded.config) return std::nullopt;
+    policy::Config config = std::move(*loaded.config);
+
+    auto endpoint = [&](const std::string& text, const char* flag, policy::Endpoint& into) {
+        if (text.empty()) return;
+        auto parsed = policy::parse_endpoint(text);
+        if (!parsed)
+            problems.push_back(std::string("--") + flag + ": expected HOST:PORT, got '" + text + "'");
+        else
+            into = *parsed;
+    };
+    endpoint(overrides.listen, "listen", config.proxy.listen);
+    endpoint(overrides.upstream, "upstream", config.proxy.upstream);
+    endpoint(overrides.admin_listen, "admin-listen", config.admin.listen);
+    if (!overrides.log_format.empty()) config.log.format = overrides.log_format;
+    if (!overrides.log_level.empty()) config.log.level = overrides.log_level;
+    if (!problems.empty()) return std::nullopt;
+    return config;
+}
+
+int run(policy::Config config, const std::string& config_file, const CommandLine& overrides) {
+    log::setup(config.log.format == "json" ? log::Format::kJson : log::Format::kText, config.log.level);
+    std::unique_ptr<Runtime> runtime;
+    try {
+        runtime = std::make_unique<Runtime>(config);
+    } catch (const std::exception& e) {
+        log::error("startup_failed", {{"error", e.what()}});
+        return 1;
+    }
+
+    asio::io_context main_context{1};
+    std::unique_ptr<Listener> listener;
+    try {
+        listener = std::make_unique<Listener>(main_context, *runtime, config.proxy.listen, config.proxy.threads);
+    } catch (const std::exception& e) {
+        log::error("listen_failed", {{"listen", config.proxy.listen.to_string()}, {"error", e.what()}});
+        return 1;
+    }
+    listener->start();
+    log::info("listening", {{"listen", config.proxy.listen.to_string()},
+                            {"upstream", config.proxy.upstream.to_string()},
+                            {"threads", std::to_string(listener->thread_count())},
+                            {"version", PGWARDEN_VERSION}});
+
+    asio::signal_set signals(main_context, SIGHUP, SIGTERM, SIGINT);
+    auto drain = [&]() -> awaitable<void> {
+        // Open sessions get shutdown_timeout to finish; then everything stops.
+        auto deadline = std::chrono::steady_clock::now() + runtime->config()->proxy.shutdown_timeout;
+        asio::steady_timer timer(main_context);
+        while (runtime->client_connections.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+            timer.expires_after(std::chrono::milliseconds(50));
+            co_await timer.async_wait(asio::use_awaitable);
+        }
+        main_context.stop();
+    };
+    auto handle_signals = [&]() -> awaitable<void> {
+        bool shutting_down = false;
+        for (;;) {
+            int signo = co_await signals.async_wait(asio::use_awaitable);
+            if (signo == SIGHUP) {
+                std::vector<std::string> problems;
+                auto fresh = load_configuration(config_file, overrides, problems);
+                if (fresh) {
+                    log::set_level(fresh->log.level);
+                    runtime->set_config(std::move(*fresh));
+                    log::info("config_reloaded", {{"file", config_file}});
+                } else {
+                    std::string all;
+                    for (const auto& p : problems) all += (all.empty() ? "" : "; ") + p;
+                    log::error("config_reload_failed", {{"file", config_file}, {"errors", all}});
+                }
+                continue;
+            }
+            if (shutting_down) {
+                log::warn("shutdown_forced", {});
+                main_context.stop();
+                co_return;
+            }
+            shutting_down = true;
+            runtime->shutting_down = true;
+            listener->stop_accepting();
+            log::info("shutdown_started", {{"signal", signo == SIGINT ? "SIGINT" : "SIGTERM"},
+                                           {"open_sessions", std::to_string(runtime->client_connections.load())}});
+            asio::co_spawn(main_context, drain(), asio::detached);
+        }
+    };
+    asio::co_spawn(main_context, handle_signals(), asio::detached);
+    main_context.run();
+    listener->stop_workers();
+    log::info("shutdown_complete", {{"open_sessions", std::to_string(runtime->client_connections.load())}});
+    return 0;
+}
+
+}  // namespace pgwarden::proxy

@@ -1,0 +1,651 @@
+// The client session: startup, authentication relay, and the two relay loops.
+#include "proxy/client_session.hpp"
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "proxy/deadline.hpp"
+#include "proxy/event_log.hpp"
+#include "wire/limits.hpp"
+#include "wire/reader.hpp"
+#include "wire/message_types.hpp"
+
+namespace pgwarden::proxy {
+
+using namespace std::chrono_literals;
+
+namespace {
+
+// Authentication messages carry at most PG_MAX_AUTH_TOKEN_LENGTH (65535) bytes of token,
+// src/backend/libpq/auth.c; allow a little framing on top.
+constexpr std::size_t kMaxAuthMessageLength = 65535 + 1024;
+// A FATAL error to a client that may not be reading must not hold the session open.
+constexpr auto kFarewellTimeout = 2s;
+
+// Backend messages whose body the relay must read; any other type may be forwarded in
+// pieces as it arrives (DataRow, CopyData, RowDescription...).
+bool server_message_needs_body(char type) {
+    switch (type) {
+        case wire::be::kReadyForQuery:
+        case wire::be::kParameterStatus:
+        case wire::be::kErrorResponse:
+        case wire::be::kCommandComplete:
+            return true;
+        default:
+            return false;
+    }
+}
+
+bool auth_code_expects_reply(std::int32_t code) {
+    switch (code) {
+        case wire::auth::kCleartextPassword:
+        case wire::auth::kMd5Password:
+        case wire::auth::kGss:
+        case wire::auth::kGssContinue:
+        case wire::auth::kSspi:
+        case wire::auth::kSasl:
+        case wire::auth::kSaslContinue:
+            return true;
+        default:
+            return false;
+    }
+}
+
+std::string address_of(const tcp::socket& socket) {
+    error_code ec;
+    auto ep = socket.remote_endpoint(ec);
+    if (ec) return "unknown";
+    return ep.address().to_string();
+}
+
+}  // namespace
+
+const char* to_string(SessionState state) {
+    switch (state) {
+        case SessionState::kStartup: return "startup";
+        case SessionState::kConnecting: return "connecting";
+        case SessionState::kAuthenticating: return "authenticating";
+        case SessionState::kIdle: return "idle";
+        case SessionState::kInTransaction: return "in_transaction";
+        case SessionState::kFailedTransaction: return "failed_transaction";
+        case SessionState::kClosing: return "closing";
+    }
+    return "unknown";
+}
+
+ClientSession::ClientSession(Runtime& runtime, tcp::socket socket)
+    : runtime_(runtime),
+      config_(runtime.config()),
+      id_(runtime.next_session_id()),
+      client_(std::move(socket)),
+      started_(std::chrono::steady_clock::now()) {
+    peer_address_ = address_of(client_.socket());
+    error_code ec;
+    client_.socket().set_option(tcp::no_delay(true), ec);
+}
+
+ClientSession::~ClientSession() {
+    if (client_secret_ != 0 && server_) runtime_.cancels().remove(server_->process_id, client_secret_);
+    if (counted_unauthenticated_) runtime_.unauthenticated.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void ClientSession::set_state(SessionState state) { state_ = state; }
+
+void ClientSession::close_all() {
+    client_.close();
+    if (server_) server_->stream().close();
+}
+
+awaitable<void> ClientSession::send_to_client(const std::string& bytes) {
+    error_code ec;
+    Deadline deadline(co_await asio::this_coro::executor, kFarewellTimeout, [this] { client_.close(); });
+    co_await client_.write(asio::buffer(bytes), ec);
+}
+
+awaitable<void> ClientSession::send_fatal(const std::string& sqlstate, const std::string& message,
+                                          const std::string& detail) {
+    std::string out;
+    wire::append_error_response(out, wire::Diagnostic{"FATAL", sqlstate, message, detail, {}});
+    co_await send_to_client(out);
+}
+
+awaitable<std::optional<wire::FrameHeader>> ClientSession::read_message(Stream& stream, Buffer& buffer,
+                                                                       std::size_t max_length, bool& violation) {
+    violation = false;
+    for (;;) {
+        wire::FrameHeader header;
+        auto status = wire::read_frame(buffer.data(), header, max_length);
+        if (status == wire::FrameStatus::kComplete) co_return header;
+        if (status == wire::FrameStatus::kInvalid) {
+            violation = true;
+            co_return std::nullopt;
+        }
+        std::size_t want = status == wire::FrameStatus::kPartial ? header.total_size() - buffer.size() : 1;
+        char* p = buffer.prepare(want);
+        error_code ec;
+        std::size_t n = co_await stream.read_some(asio::buffer(p, buffer.free_space()), ec);
+        if (ec) co_return std::nullopt;
+        buffer.commit(n);
+    }
+}
+
+awaitable<void> ClientSession::run() {
+    auto self = shared_from_this();
+    const auto& limits = config_->proxy;
+    runtime_.client_connections.fetch_add(1, std::memory_order_relaxed);
+    struct Uncount {
+        Runtime& r;
+        ~Uncount() { r.client_connections.fetch_sub(1, std::memory_order_relaxed); }
+    } uncount{runtime_};
+    const std::string session = std::to_string(id_);
+
+    if (runtime_.client_connections.load(std::memory_order_relaxed) > int(limits.max_client_connections)) {
+        log::warn("connection_refused", {{"session", session}, {"address", peer_address_}, {"reason", "max_client_connections"}});
+        co_await send_fatal("53300", "pgwarden: sorry, too many clients already");
+        close_all();
+        co_return;
+    }
+    if (runtime_.unauthenticated.fetch_add(1, std::memory_order_relaxed) >= int(limits.max_unauthenticated)) {
+        runtime_.unauthenticated.fetch_sub(1, std::memory_order_relaxed);
+        log::warn("connection_refused", {{"session", session}, {"address", peer_address_}, {"reason", "max_unauthenticated"}});
+        co_await send_fatal("53300", "pgwarden: too many connections still authenticating");
+        close_all();
+        co_return;
+    }
+    counted_unauthenticated_ = true;
+    log::debug("connection_accepted", {{"session", session}, {"address", peer_address_}});
+
+    bool started;
+    {
+        // A client that never finishes logging in loses its connection: closing the
+        // sockets fails whatever the startup was waiting for.
+        Deadline deadline(co_await asio::this_coro::executor, limits.auth_timeout, [this] { close_all(); });
+        started = co_await startup();
+        if (deadline.expired()) {
+            log::warn("auth_timeout", {{"session", session}, {"address", peer_address_}, {"state", to_string(state_)}});
+            started = false;
+        }
+    }
+    runtime_.unauthenticated.fetch_sub(1, std::memory_order_relaxed);
+    counted_unauthenticated_ = false;
+    if (!started) {
+        close_all();
+        co_return;
+    }
+
+    log::info("session_started", {{"session", session}, {"address", peer_address_}, {"user", user_},
+                                  {"database", database_}, {"application_name", application_name_},
+                                  {"server_pid", std::to_string(server_->process_id)},
+                                  {"tls", client_.is_tls() ? "true" : "false"}});
+    runtime_.server_connections.fetch_add(1, std::memory_order_relaxed);
+    End why = co_await relay();
+    runtime_.server_connections.fetch_sub(1, std::memory_order_relaxed);
+    set_state(SessionState::kClosing);
+    const char* reason = "client_closed";
+    switch (why) {
+        case End::kClientClosed: break;
+        case End::kTerminated: reason = "terminate"; break;
+        case End::kServerClosed: reason = "server_closed"; break;
+        case End::kClientProtocolError:
+            reason = "client_protocol_violation";
+            co_await send_fatal("08P01", "pgwarden: protocol violation",
+                                "The client sent a malformed or unexpected message.");
+            break;
+        case End::kServerProtocolError:
+            reason = "server_protocol_violation";
+            co_await send_fatal("08P01", "pgwarden: protocol violation from the server");
+            break;
+    }
+    if (why == End::kClientClosed || why == End::kClientProtocolError) {
+        // Tell the server we are leaving, so it does not log an unexpected EOF.
+        std::string bye;
+        wire::append_terminate(bye);
+        error_code ec;
+        Deadline deadline(co_await asio::this_coro::executor, kFarewellTimeout, [this] { server_->stream().close(); });
+        co_await server_->stream().write(asio::buffer(bye), ec);
+    }
+    close_all();
+    auto lifetime = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+    log::info("session_ended", {{"session", session}, {"reason", reason}, {"seconds", std::to_string(lifetime)}});
+}
+
+awaitable<std::optional<wire::StartupPacket>> ClientSession::read_startup_packet() {
+    std::array<char, 4> length_bytes{};
+    error_code ec;
+    co_await client_.read_exact(asio::buffer(length_bytes), ec);
+    if (ec) co_return std::nullopt;
+    const std::uint32_t length = std::uint32_t(wire::Reader(std::string_view(length_bytes.data(), 4)).int32());
+    if (length < wire::kMinStartupPacketLength || length > wire::kMaxStartupPacketLength) {
+        log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
+                                         {"reason", "invalid startup packet length"}});
+        co_await send_fatal("08P01", "pgwarden: protocol violation", "invalid length of startup packet");
+        co_return std::nullopt;
+    }
+    std::string packet(length, '\0');
+    std::memcpy(packet.data(), length_bytes.data(), 4);
+    co_await client_.read_exact(asio::buffer(packet.data() + 4, length - 4), ec);
+    if (ec) co_return std::nullopt;
+    auto parsed = wire::parse_startup_packet(packet);
+    if (!parsed) {
+        log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
+                                         {"reason", "malformed startup packet"}});
+        co_await send_fatal("08P01", "pgwarden: protocol violation", "malformed startup packet");
+    }
+    co_return parsed;
+}
+
+awaitable<bool> ClientSession::startup() {
+    bool negotiated_tls = false, negotiated_gss = false;
+    std::optional<wire::StartupPacket> packet;
+    for (;;) {
+        packet = co_await read_startup_packet();
+        if (!packet) co_return false;
+        if (packet->kind == wire::StartupKind::kSslRequest) {
+            if (negotiated_tls || client_.is_tls()) {
+                co_await send_fatal("08P01", "pgwarden: protocol violation", "duplicate SSLRequest");
+                co_return false;
+            }
+            negotiated_tls = true;
+            auto* tls = runtime_.client_tls();
+            char answer = tls ? 'S' : 'N';
+            error_code ec;
+            co_await client_.write(asio::buffer(&answer, 1), ec);
+            if (ec) co_return false;
+            if (tls) {
+                // Bytes sent before the handshake finished would be a downgrade attack
+                // (CVE-2021-23222 for libpq): the first read must be the TLS ClientHello.
+                co_await client_.accept_tls(*tls, ec);
+                if (ec) {
+                    log::warn("tls_handshake_failed", {{"session", std::to_string(id_)}, {"address", peer_address_},
+                                                       {"error", ec.message()}});
+                    co_return false;
+                }
+            }
+            continue;
+        }
+        if (packet->kind == wire::StartupKind::kGssEncRequest) {
+            if (negotiated_gss) {
+                co_await send_fatal("08P01", "pgwarden: protocol violation", "duplicate GSSENCRequest");
+                co_return false;
+            }
+            negotiated_gss = true;
+            char answer = 'N';
+            error_code ec;
+            co_await client_.write(asio::buffer(&answer, 1), ec);
+            if (ec) co_return false;
+            continue;
+        }
+        break;
+    }
+    if (packet->kind == wire::StartupKind::kCancelRequest) {
+        co_await handle_cancel(*packet);
+        co_return false;
+    }
+    if (packet->kind != wire::StartupKind::kStartup) {
+        co_await send_fatal("0A000", "pgwarden: unsupported frontend protocol " +
+                                         std::to_string(packet->protocol >> 16) + "." +
+                                         std::to_string(packet->protocol & 0xffff),
+                            "pgwarden supports protocol 3.0.");
+        co_return false;
+    }
+    if (config_->tls.mode == policy::ClientTlsMode::kRequire && !client_.is_tls()) {
+        log::warn("connection_refused", {{"session", std::to_string(id_)}, {"address", peer_address_},
+                                         {"reason", "tls_required"}});
+        co_await send_fatal("28000", "pgwarden: TLS is required", "Connect with sslmode=require or stronger.");
+        co_return false;
+    }
+    user_ = std::string(packet->parameter("user"));
+    database_ = std::string(packet->parameter("database"));
+    if (database_.empty()) database_ = user_;
+    application_name_ = std::string(packet->parameter("application_name"));
+    if (user_.empty()) {
+        co_await send_fatal("28000", "no PostgreSQL user name specified in startup packet");
+        co_return false;
+    }
+
+    set_state(SessionState::kConnecting);
+    server_ = std::make_unique<ServerConnection>(co_await asio::this_coro::executor);
+    std::string error;
+    const auto& up = config_->proxy.upstream;
+    bool connected = co_await server_->connect(up, config_->upstream_tls.mode, runtime_.upstream_tls(),
+                                               config_->upstream_tls.server_name, config_->proxy.connect_timeout,
+                                               error);
+    if (!connected) {
+        log::error("upstream_connect_failed", {{"session", std::to_string(id_)}, {"upstream", up.to_string()},
+                                                {"error", error}});
+        co_await send_fatal("08006", "pgwarden: cannot connect to upstream " + up.to_string(), error);
+        co_return false;
+    }
+    std::string startup_message;
+    wire::append_startup_message(startup_message, packet->parameters, packet->protocol);
+    error_code ec;
+    co_await server_->stream().write(asio::buffer(startup_message), ec);
+    if (ec) {
+        co_await send_fatal("08006", "pgwarden: cannot connect to upstream " + up.to_string(), ec.message());
+        co_return false;
+    }
+    set_state(SessionState::kAuthenticating);
+    co_return co_await authenticate();
+}
+
+awaitable<bool> ClientSession::authenticate() {
+    Buffer& sbuf = server_->buffer();
+    const std::string session = std::to_string(id_);
+    for (;;) {
+        bool violation = false;
+        auto header = co_await read_message(server_->stream(), sbuf, config_->proxy.max_message_bytes, violation);
+        if (!header) {
+            co_await send_fatal(violation ? "08P01" : "08006",
+                                violation ? "pgwarden: protocol violation from the server"
+                                          : "pgwarden: server closed the connection during authentication");
+            co_return false;
+        }
+        std::string_view message = sbuf.data().substr(0, header->total_size());
+        std::string_view body = message.substr(wire::kHeaderSize);
+        std::string rewritten;
+        bool expect_reply = false;
+        switch (header->type) {
+            case wire::be::kAuthentication: {
+                auto auth = wire::parse_authentication(body);
+                if (!auth) {
+                    co_await send_fatal("08P01", "pgwarden: protocol violation from the server");
+                    co_return false;
+                }
+                expect_reply = auth_code_expects_reply(auth->code);
+                if (auth->code == wire::auth::kSasl) {
+                    // Channel binding ties SCRAM to the TLS session the client sees, which a
+                    // TLS-terminating proxy cannot carry through: offer only the plain mechanisms.
+                    auto mechanisms = wire::parse_sasl_mechanisms(auth->data);
+                    if (!mechanisms) {
+                        co_await send_fatal("08P01", "pgwarden: protocol violation from the server");
+                        co_return false;
+                    }
+                    std::erase(*mechanisms, std::string_view("SCRAM-SHA-256-PLUS"));
+                    wire::append_authentication_sasl(rewritten, *mechanisms);
+                }
+                break;
+            }
+            case wire::be::kBackendKeyData: {
+                auto key = wire::parse_backend_key_data(body);
+                if (!key) {
+                    co_await send_fatal("08P01", "pgwarden: protocol violation from the server");
+                    co_return false;
+                }
+                server_->process_id = key->process_id;
+                server_->secret_key = key->secret_key;
+                client_secret_ = runtime_.cancels().add(key->process_id, key->secret_key);
+                wire::append_backend_key_data(rewritten, key->process_id, client_secret_);
+                break;
+            }
+            case wire::be::kParameterStatus: {
+                auto status = wire::parse_parameter_status(body);
+                if (status && status->name == "application_name") application_name_ = std::string(status->value);
+                break;
+            }
+            case wire::be::kErrorResponse:
+            case wire::be::kNoticeResponse:
+            case wire::be::kNegotiateProtocolVersion:
+            case wire::be::kReadyForQuery:
+                break;
+            default:
+                co_await send_fatal("08P01", "pgwarden: protocol violation from the server");
+                co_return false;
+        }
+        error_code ec;
+        if (rewritten.empty())
+            co_await client_.write(asio::buffer(message.data(), message.size()), ec);
+        else
+            co_await client_.write(asio::buffer(rewritten), ec);
+        char type = header->type;
+        sbuf.consume(header->total_size());
+        if (ec) co_return false;
+        if (type == wire::be::kErrorResponse) {
+            log::info("authentication_failed", {{"session", session}, {"address", peer_address_}, {"user", user_}});
+            co_return false;
+        }
+        if (type == wire::be::kReadyForQuery) {
+            set_state(SessionState::kIdle);
+            co_return true;
+        }
+        if (!expect_reply) continue;
+
+        auto reply = co_await read_message(client_, client_buffer_, kMaxAuthMessageLength, violation);
+        if (!reply || reply->type != wire::fe::kPassword) {
+            if (violation || reply)
+                co_await send_fatal("08P01", "pgwarden: protocol violation",
+                                    "expected an authentication response message");
+            co_return false;
+        }
+        co_await server_->stream().write(asio::buffer(client_buffer_.data().data(), reply->total_size()), ec);
+        client_buffer_.consume(reply->total_size());
+        if (ec) {
+            co_await send_fatal("08006", "pgwarden: server closed the connection during authentication");
+            co_return false;
+        }
+    }
+}
+
+awaitable<void> ClientSession::handle_cancel(const wire::StartupPacket& packet) {
+    auto target = runtime_.cancels().find(packet.process_id, packet.secret_key);
+    const std::string pid = std::to_string(packet.process_id);
+    if (!target) {
+        // PostgreSQL says nothing to the sender either way; neither do we.
+        log::warn("cancel_unknown_key", {{"address", peer_address_}, {"server_pid", pid}});
+        co_return;
+    }
+    ServerConnection connection(co_await asio::this_coro::executor);
+    std::string error;
+    const auto& up = config_->proxy.upstream;
+    auto mode = config_->upstream_tls.mode;
+    if (mode == policy::UpstreamTlsMode::kPrefer) mode = policy::UpstreamTlsMode::kDisable;
+    if (!co_await connection.connect(up, mode, runtime_.upstream_tls(), config_->upstream_tls.server_name,
+                                     config_->proxy.connect_timeout, error)) {
+        log::error("cancel_failed", {{"server_pid", pid}, {"error", error}});
+        co_return;
+    }
+    std::string request;
+    wire::append_cancel_request(request, target->process_id, target->server_secret);
+    error_code ec;
+    co_await connection.stream().write(asio::buffer(request), ec);
+    // The server closes the connection when done; wait for that so the cancel has been
+    // delivered before the client's own connection goes away.
+    char byte;
+    Deadline deadline(co_await asio::this_coro::executor, kFarewellTimeout, [&connection] { connection.stream().close(); });
+    if (!ec) co_await connection.stream().read_some(asio::buffer(&byte, 1), ec);
+    connection.stream().close();
+    log::info("cancel_forwarded", {{"address", peer_address_}, {"server_pid", pid}});
+}
+
+awaitable<ClientSession::End> ClientSession::relay() {
+    // Both directions run at once; the first to end cancels the other's pending I/O,
+    // and the session goes on only when both have returned.
+    auto executor = co_await asio::this_coro::executor;
+    auto self = shared_from_this();
+    struct Join {
+        explicit Join(const asio::any_io_executor& ex) : done(ex) { done.expires_at(asio::steady_timer::time_point::max()); }
+        asio::steady_timer done;
+        int running = 2;
+        std::optional<End> first;
+    };
+    auto join = std::make_shared<Join>(executor);
+    auto finish = [this, join](End why) {
+        if (!join->first) {
+            join->first = why;
+            error_code ignored;
+            client_.socket().cancel(ignored);
+            server_->stream().socket().cancel(ignored);
+        }
+        if (--join->running == 0) join->done.cancel();
+    };
+    asio::co_spawn(executor, [self, finish]() -> awaitable<void> { finish(co_await self->relay_client_to_server()); },
+                   asio::detached);
+    asio::co_spawn(executor, [self, finish]() -> awaitable<void> { finish(co_await self->relay_server_to_client()); },
+                   asio::detached);
+    error_code ec;
+    while (join->running > 0) co_await join->done.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    co_return *join->first;
+}
+
+awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
+    Stream& server = server_->stream();
+    std::vector<asio::const_buffer> out;
+    std::size_t streaming = 0;  // bytes of a CopyData still to forward as they arrive
+    const std::size_t max_length = config_->proxy.max_message_bytes;
+    for (;;) {
+        error_code ec;
+        std::size_t want = 1;
+        wire::FrameHeader pending;
+        if (streaming == 0 &&
+            wire::read_frame(client_buffer_.data(), pending, max_length) == wire::FrameStatus::kPartial)
+            want = pending.total_size() - client_buffer_.size();
+        if (client_buffer_.empty() && !client_.is_tls()) {
+            // Idle sessions hold no buffer: wait for data first, then take memory.
+            client_buffer_.release_if_empty(true);
+            co_await client_.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
+            if (ec) co_return End::kClientClosed;
+        }
+        char* p = client_buffer_.prepare(want);
+        std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec);
+        if (ec) co_return End::kClientClosed;
+        client_buffer_.commit(n);
+
+        out.clear();
+        std::string_view data = client_buffer_.data();
+        std::size_t consumed = 0;
+        bool terminate = false;
+        while (consumed < data.size()) {
+            std::string_view rest = data.substr(consumed);
+            if (streaming > 0) {
+                std::size_t k = std::min(streaming, rest.size());
+                out.emplace_back(rest.data(), k);
+                consumed += k;
+                streaming -= k;
+                continue;
+            }
+            wire::FrameHeader header;
+            auto status = wire::read_frame(rest, header, max_length);
+            if (status == wire::FrameStatus::kNeedHeader) break;
+            if (status == wire::FrameStatus::kInvalid || !wire::is_frontend_type(header.type)) {
+                log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
+                                                 {"reason", "bad message header from client"}});
+                co_return End::kClientProtocolError;
+            }
+            if (status == wire::FrameStatus::kPartial) {
+                if (header.type != wire::fe::kCopyData) break;  // wait for the whole message
+                out.emplace_back(rest.data(), rest.size());
+                streaming = header.total_size() - rest.size();
+                consumed = data.size();
+                break;
+            }
+            if (header.type == wire::fe::kTerminate) terminate = true;
+            out.emplace_back(rest.data(), header.total_size());
+            consumed += header.total_size();
+            if (terminate) break;
+        }
+        if (!out.empty()) {
+            co_await server.write(out, ec);
+            if (ec) co_return End::kServerClosed;
+        }
+        client_buffer_.consume(consumed);
+        if (terminate) co_return End::kTerminated;
+    }
+}
+
+awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
+    Stream& server = server_->stream();
+    Buffer& sbuf = server_->buffer();
+    std::vector<asio::const_buffer> out;
+    std::size_t streaming = 0;
+    const std::size_t max_length = config_->proxy.max_message_bytes;
+    // Server messages may legitimately exceed the client-side limit (a huge DataRow is
+    // streamed anyway), so only PostgreSQL's own limit applies here.
+    (void)max_length;
+    for (;;) {
+        error_code ec;
+        std::size_t want = 1;
+        wire::FrameHeader pending;
+        if (streaming == 0 && wire::read_frame(sbuf.data(), pending) == wire::FrameStatus::kPartial &&
+            server_message_needs_body(pending.type))
+            want = pending.total_size() - sbuf.size();
+        if (sbuf.empty() && !server.is_tls()) {
+            sbuf.release_if_empty(true);
+            co_await server.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
+            if (ec) co_return End::kServerClosed;
+        }
+        char* p = sbuf.prepare(want);
+        std::size_t n = co_await server.read_some(asio::buffer(p, sbuf.free_space()), ec);
+        if (ec) co_return End::kServerClosed;
+        sbuf.commit(n);
+
+        out.clear();
+        std::string_view data = sbuf.data();
+        std::size_t consumed = 0;
+        while (consumed < data.size()) {
+            std::string_view rest = data.substr(consumed);
+            if (streaming > 0) {
+                std::size_t k = std::min(streaming, rest.size());
+                out.emplace_back(rest.data(), k);
+                consumed += k;
+                streaming -= k;
+                continue;
+            }
+            wire::FrameHeader header;
+            auto status = wire::read_frame(rest, header);
+            if (status == wire::FrameStatus::kNeedHeader) break;
+            if (status == wire::FrameStatus::kInvalid || !wire::is_backend_type(header.type)) {
+                log::error("protocol_violation", {{"session", std::to_string(id_)}, {"reason", "bad message header from server"}});
+                co_return End::kServerProtocolError;
+            }
+            if (status == wire::FrameStatus::kPartial) {
+                if (server_message_needs_body(header.type)) break;
+                out.emplace_back(rest.data(), rest.size());
+                streaming = header.total_size() - rest.size();
+                consumed = data.size();
+                break;
+            }
+            std::string_view body = rest.substr(wire::kHeaderSize, header.body_size());
+            switch (header.type) {
+                case wire::be::kReadyForQuery: {
+                    auto ready = wire::parse_ready_for_query(body);
+                    if (!ready) co_return End::kServerProtocolError;
+                    set_state(ready->status == 'T'   ? SessionState::kInTransaction
+                              : ready->status == 'E' ? SessionState::kFailedTransaction
+                                                     : SessionState::kIdle);
+                    break;
+                }
+                case wire::be::kParameterStatus: {
+                    auto status_msg = wire::parse_parameter_status(body);
+                    if (status_msg && status_msg->name == "application_name")
+                        application_name_ = std::string(status_msg->value);
+                    break;
+                }
+                default:
+                    break;
+            }
+            out.emplace_back(rest.data(), header.total_size());
+            consumed += header.total_size();
+        }
+        if (!out.empty()) {
+            co_await client_.write(out, ec);
+            if (ec) co_return End::kClientClosed;
+        }
+        sbuf.consume(consumed);
+    }
+}
+
+void start_session(Runtime& runtime, tcp::socket socket) {
+    auto executor = socket.get_executor();
+    auto session = std::make_shared<ClientSession>(runtime, std::move(socket));
+    asio::co_spawn(executor, [session]() -> awaitable<void> { co_await session->run(); },
+                   [](std::exception_ptr e) {
+                       if (!e) return;
+                       try {
+                           std::rethrow_exception(e);
+                       } catch (const std::exception& ex) {
+                           log::error("session_crashed", {{"error", ex.what()}});
+                       }
+                   });
+}
+
+}  // namespace pgwarden::proxy

@@ -1,0 +1,83 @@
+// One client connection from accept to close: startup (TLS, cancel, the startup packet),
+// connecting to PostgreSQL, relaying authentication, then two relay loops (client to
+// server and server to client) that frame messages and forward them, batched, without
+// copying the bodies they need not read.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "proxy/asio.hpp"
+#include "proxy/buffer.hpp"
+#include "proxy/runtime.hpp"
+#include "proxy/server_connection.hpp"
+#include "proxy/stream.hpp"
+#include "wire/builder.hpp"
+#include "wire/frame.hpp"
+#include "wire/messages.hpp"
+
+namespace pgwarden::proxy {
+
+// Where a session is; transitions happen in client_session.cpp only.
+enum class SessionState {
+    kStartup,        // reading the startup packet, TLS negotiation
+    kConnecting,     // opening the server connection
+    kAuthenticating, // relaying authentication
+    kIdle,           // ReadyForQuery 'I' sent to the client
+    kInTransaction,  // ReadyForQuery 'T'
+    kFailedTransaction,  // ReadyForQuery 'E'
+    kClosing,
+};
+const char* to_string(SessionState state);
+
+class ClientSession : public std::enable_shared_from_this<ClientSession> {
+public:
+    ClientSession(Runtime& runtime, tcp::socket socket);
+    ~ClientSession();
+
+    awaitable<void> run();
+
+    std::uint64_t id() const { return id_; }
+
+private:
+    // Result of a relay loop: why it ended.
+    enum class End { kClientClosed, kServerClosed, kClientProtocolError, kServerProtocolError, kTerminated };
+
+    awaitable<bool> startup();
+    awaitable<std::optional<wire::StartupPacket>> read_startup_packet();
+    awaitable<void> handle_cancel(const wire::StartupPacket& packet);
+    awaitable<bool> authenticate();
+    awaitable<End> relay();
+    awaitable<End> relay_client_to_server();
+    awaitable<End> relay_server_to_client();
+
+    // Reads until one whole message is at the front of `buffer`; nullopt on EOF/error or
+    // a message over `max_length` (then `violation` is set).
+    awaitable<std::optional<wire::FrameHeader>> read_message(Stream& stream, Buffer& buffer, std::size_t max_length,
+                                                             bool& violation);
+    awaitable<void> send_to_client(const std::string& bytes);
+    awaitable<void> send_fatal(const std::string& sqlstate, const std::string& message,
+                               const std::string& detail = {});
+    void set_state(SessionState state);
+    void close_all();
+
+    Runtime& runtime_;
+    std::shared_ptr<const policy::Config> config_;
+    std::uint64_t id_;
+    Stream client_;
+    Buffer client_buffer_;
+    std::unique_ptr<ServerConnection> server_;
+    SessionState state_ = SessionState::kStartup;
+    bool counted_unauthenticated_ = false;
+    std::int32_t client_secret_ = 0;
+    std::string peer_address_;
+    std::string user_, database_, application_name_;
+    std::chrono::steady_clock::time_point started_;
+};
+
+// Starts a session on the socket's executor; it owns itself until it ends.
+void start_session(Runtime& runtime, tcp::socket socket);
+
+}  // namespace pgwarden::proxy

@@ -1,0 +1,67 @@
+// Accepting connections and spreading them over the worker threads.
+#include "proxy/listener.hpp"
+
+#include "proxy/client_session.hpp"
+#include "proxy/event_log.hpp"
+
+namespace pgwarden::proxy {
+
+Listener::Listener(asio::io_context& accept_context, Runtime& runtime, const policy::Endpoint& endpoint,
+                   unsigned threads)
+    : accept_context_(accept_context), runtime_(runtime), acceptor_(accept_context) {
+    auto address = asio::ip::make_address(endpoint.host);
+    tcp::endpoint ep(address, endpoint.port);
+    acceptor_.open(ep.protocol());
+    acceptor_.set_option(tcp::acceptor::reuse_address(true));
+    acceptor_.bind(ep);
+    acceptor_.listen(asio::socket_base::max_listen_connections);
+    if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned i = 0; i < threads; ++i) workers_.push_back(std::make_unique<Worker>());
+}
+
+Listener::~Listener() { stop_workers(); }
+
+void Listener::start() {
+    for (auto& worker : workers_) {
+        worker->guard = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(
+            worker->context.get_executor());
+        worker->thread = std::thread([w = worker.get()] { w->context.run(); });
+    }
+    asio::co_spawn(accept_context_, accept_loop(), asio::detached);
+}
+
+tcp::endpoint Listener::local_endpoint() const { return acceptor_.local_endpoint(); }
+
+void Listener::stop_accepting() {
+    boost::system::error_code ec;
+    acceptor_.close(ec);
+}
+
+void Listener::stop_workers() {
+    for (auto& worker : workers_) {
+        worker->guard.reset();
+        worker->context.stop();
+    }
+    for (auto& worker : workers_)
+        if (worker->thread.joinable()) worker->thread.join();
+}
+
+awaitable<void> Listener::accept_loop() {
+    while (acceptor_.is_open()) {
+        Worker& worker = *workers_[next_worker_++ % workers_.size()];
+        boost::system::error_code ec;
+        tcp::socket socket = co_await acceptor_.async_accept(worker.context, asio::redirect_error(asio::use_awaitable, ec));
+        if (ec) {
+            if (ec == asio::error::operation_aborted || !acceptor_.is_open()) break;
+            // Out of descriptors and the like: say so, back off briefly, keep serving.
+            log::error("accept_failed", {{"error", ec.message()}});
+            asio::steady_timer pause(accept_context_, std::chrono::milliseconds(50));
+            co_await pause.async_wait(asio::use_awaitable);
+            continue;
+        }
+        if (runtime_.shutting_down.load()) continue;
+        asio::post(worker.context, [this, s = std::move(socket)]() mutable { start_session(runtime_, std::move(s)); });
+    }
+}
+
+}  // namespace pgwarden::proxy

@@ -1,0 +1,41 @@
+// The accepting side: one io_context per worker thread, each running the sessions it is
+// given for their whole life (nothing on the hot path is shared between threads), and an
+// acceptor that hands new connections to the workers in turn.
+#pragma once
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "proxy/asio.hpp"
+#include "proxy/runtime.hpp"
+
+namespace pgwarden::proxy {
+
+class Listener {
+public:
+    // Binds `endpoint` on `accept_context`; throws std::system_error when it cannot.
+    Listener(asio::io_context& accept_context, Runtime& runtime, const policy::Endpoint& endpoint, unsigned threads);
+    ~Listener();
+
+    void start();           // starts worker threads and accepting
+    void stop_accepting();  // closes the listening socket; sessions go on
+    void stop_workers();    // stops every worker and joins the threads
+    tcp::endpoint local_endpoint() const;
+    unsigned thread_count() const { return unsigned(workers_.size()); }
+
+private:
+    awaitable<void> accept_loop();
+
+    struct Worker {
+        asio::io_context context{1};
+        std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> guard;
+        std::thread thread;
+    };
+    asio::io_context& accept_context_;
+    Runtime& runtime_;
+    tcp::acceptor acceptor_;
+    std::vector<std::unique_ptr<Worker>> workers_;
+    std::size_t next_worker_ = 0;
+};
+
+}  // namespace pgwarden::proxy

@@ -1,0 +1,95 @@
+# Volume through pgwarden: pgbench in every query mode, and COPY streams in both directions
+# that must come out byte-identical to the same COPY run directly against the server.
+import hashlib
+import re
+
+import pytest
+
+import harness
+
+BIG_TABLE_ROWS = 110_000  # ~24 MB as COPY text
+COPY_IN_ROWS = 200_000
+
+
+@pytest.fixture(scope="module")
+def bench_db(pg_server):
+    pg_server.query_one("create database pgw_bench")
+    harness.pgbench(pg_server, "-i", "-q", "-s", "1", dbname="pgw_bench")
+    return "pgw_bench"
+
+
+def pgbench_counts(output: str) -> tuple[int, int]:
+    processed = re.search(r"number of transactions actually processed: (\d+)", output)
+    failed = re.search(r"number of failed transactions: (\d+)", output)
+    assert processed and failed, output
+    return int(processed.group(1)), int(failed.group(1))
+
+
+def test_pgbench_initialize_through_proxy(proxy, pg_server):
+    pg_server.query_one("create database pgw_bench_init")
+    result = harness.pgbench(proxy, "-i", "-s", "1", dbname="pgw_bench_init")  # client-side COPY
+    assert b"done" in result.stderr
+    with pg_server.connect(dbname="pgw_bench_init") as conn:
+        assert conn.execute("select count(*), sum(abalance) from pgbench_accounts").fetchone() == (100000, 0)
+        assert conn.execute("select count(*) from pgbench_branches").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench_query_mode(proxy, bench_db, mode):
+    result = harness.pgbench(proxy, "-n", "-M", mode, "-c", "4", "-j", "2", "-T", "3", dbname=bench_db)
+    processed, failed = pgbench_counts(result.stdout.decode())
+    assert failed == 0
+    assert processed > 50, result.stdout.decode()
+
+
+@pytest.fixture(scope="module")
+def big_table(pg_server):
+    pg_server.query_one(
+        "create table pgw_big as select g as id, md5(g::text) || repeat('y', 180) as payload,"
+        f" now() - g * interval '1 second' as at from generate_series(1, {BIG_TABLE_ROWS}) g")
+    return "pgw_big"
+
+
+def test_copy_to_stdout_of_a_large_table(proxy, pg_server, big_table):
+    sql = f"copy (select * from {big_table} order by id) to stdout"
+    via_proxy = harness.psql(proxy, sql=sql).stdout
+    direct = harness.psql(pg_server, sql=sql).stdout
+    assert len(direct) > 20 * 1024 * 1024
+    assert len(via_proxy) == len(direct)
+    assert hashlib.sha256(via_proxy).digest() == hashlib.sha256(direct).digest()
+
+
+def test_copy_binary_to_stdout(proxy, pg_server, big_table):
+    sql = f"copy (select * from {big_table} order by id limit 20000) to stdout with (format binary)"
+    assert harness.psql(proxy, sql=sql).stdout == harness.psql(pg_server, sql=sql).stdout
+
+
+def test_copy_from_stdin(proxy, pg_server):
+    rows = b"".join(b"%d\tlabel %d with some text\t%d.%02d\n" % (i, i * 7, i % 1000, i % 100)
+                    for i in range(COPY_IN_ROWS))
+    table_sql = "create table {} (id int, label text, amount numeric)"
+    pg_server.query_one(table_sql.format("pgw_copy_proxy"))
+    pg_server.query_one(table_sql.format("pgw_copy_direct"))
+    via_proxy = harness.psql(proxy, sql="copy pgw_copy_proxy from stdin", input=rows)
+    harness.psql(pg_server, sql="copy pgw_copy_direct from stdin", input=rows)
+    assert via_proxy.stdout.strip() == f"COPY {COPY_IN_ROWS}".encode()
+
+    digest = "select count(*), md5(string_agg(t::text, ',' order by id)) from {} t"
+    assert pg_server.query_one("select count(*) from pgw_copy_proxy") == COPY_IN_ROWS
+    with pg_server.connect() as conn:
+        assert (conn.execute(digest.format("pgw_copy_proxy")).fetchone()
+                == conn.execute(digest.format("pgw_copy_direct")).fetchone())
+    # And back out: what went in comes out unchanged.
+    copied_out = harness.psql(proxy, sql="copy (select * from pgw_copy_proxy order by id) to stdout").stdout
+    assert copied_out == rows
+
+
+def test_copy_from_stdin_with_a_bad_row(proxy, pg_server):
+    pg_server.query_one("create table pgw_copy_bad (id int)")
+    rows = b"".join(b"%d\n" % i for i in range(50_000)) + b"oops\n" + b"".join(b"%d\n" % i for i in range(50_000))
+    result = harness.psql(proxy, sql="copy pgw_copy_bad from stdin", input=rows, check=False)
+    assert result.returncode != 0
+    assert b'invalid input syntax for type integer: "oops"' in result.stderr
+    assert pg_server.query_one("select count(*) from pgw_copy_bad") == 0
+    with proxy.connect() as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
