@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <array>
 #include <cstddef>
+#include <cstring>
 #include <limits>
+#include <unordered_set>
 
 namespace pgwarden::policy {
 namespace {
@@ -91,7 +93,6 @@ public:
     enum class Type : std::uint8_t { kObject, kArray, kString, kNumber, kTrue, kFalse, kNull };
     struct Node {
         Type type = Type::kNull;
-        bool escaped = false;          // string holds backslash escapes
         std::uint32_t parent = kNone;
         std::uint32_t end = 0;         // one past the last node of this subtree
         std::string_view key;          // member name inside an object
@@ -119,8 +120,7 @@ public:
 
 private:
     std::uint32_t add(Type type, std::string_view key);
-    bool parse_string(std::string_view json, std::size_t& pos, std::string_view& contents,
-                      bool& escaped) const;
+    bool parse_string(std::string_view json, std::size_t& pos, std::string_view& contents) const;
 
     std::vector<Node> nodes_;
     std::vector<std::uint32_t> open_;  // containers not closed yet
@@ -136,26 +136,25 @@ std::uint32_t JsonTree::add(Type type, std::string_view key) {
     return size() - 1;
 }
 
-bool JsonTree::parse_string(std::string_view json, std::size_t& pos, std::string_view& contents,
-                            bool& escaped) const {
+bool JsonTree::parse_string(std::string_view json, std::size_t& pos,
+                            std::string_view& contents) const {
     if (pos >= json.size() || json[pos] != '"') return false;
     const std::size_t start = ++pos;
-    escaped = false;
-    while (pos < json.size()) {
-        const char c = json[pos];
-        if (c == '"') {
-            contents = json.substr(start, pos - start);
-            ++pos;
+    // The closing quote is the first one not escaped by an odd run of backslashes.
+    for (;;) {
+        const void* quote = std::memchr(json.data() + pos, '"', json.size() - pos);
+        if (quote == nullptr) return false;
+        const std::size_t quote_at = static_cast<const char*>(quote) - json.data();
+        std::size_t backslashes = 0;
+        while (quote_at - backslashes > start && json[quote_at - backslashes - 1] == '\\') {
+            ++backslashes;
+        }
+        pos = quote_at + 1;
+        if (backslashes % 2 == 0) {
+            contents = json.substr(start, quote_at - start);
             return true;
         }
-        if (c == '\\') {
-            escaped = true;
-            pos += 2;
-        } else {
-            ++pos;
-        }
     }
-    return false;
 }
 
 bool JsonTree::parse(std::string_view json) {
@@ -169,8 +168,7 @@ bool JsonTree::parse(std::string_view json) {
     // After '{' or ',' inside an object: the next member's name and its ':'.
     const auto read_key = [&](std::string_view& key) {
         skip_space();
-        bool escaped = false;
-        if (!parse_string(json, pos, key, escaped)) return false;
+        if (!parse_string(json, pos, key)) return false;
         skip_space();
         if (pos >= json.size() || json[pos] != ':') return false;
         ++pos;
@@ -199,7 +197,7 @@ bool JsonTree::parse(std::string_view json) {
             }
         } else if (c == '"') {
             const std::uint32_t index = add(Type::kString, key);
-            if (!parse_string(json, pos, nodes_[index].text, nodes_[index].escaped)) return false;
+            if (!parse_string(json, pos, nodes_[index].text)) return false;
         } else if (c == '-' || (c >= '0' && c <= '9')) {
             const std::size_t start = pos;
             while (pos < json.size() &&
@@ -330,8 +328,8 @@ std::string unescape_json(std::string_view text) {
 
 std::string JsonTree::string_value(std::uint32_t index) const {
     if (index >= size() || nodes_[index].type != Type::kString) return {};
-    const Node& node = nodes_[index];
-    return node.escaped ? unescape_json(node.text) : std::string(node.text);
+    const std::string_view text = nodes_[index].text;
+    return text.find('\\') == std::string_view::npos ? std::string(text) : unescape_json(text);
 }
 
 std::string JsonTree::string_member(std::uint32_t object, std::string_view key) const {
@@ -674,12 +672,11 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
     // resolve names, so a plain name that some WITH defines is taken to be that CTE.
     std::stable_sort(facts.relations.begin(), facts.relations.end(),
                      [](const Relation& a, const Relation& b) { return a.location < b.location; });
+    std::unordered_set<std::string_view> ctes(facts.cte_names.begin(), facts.cte_names.end());
+    std::unordered_set<std::string> seen;
     for (Relation& relation : facts.relations) {
-        const bool is_cte = !relation.target &&
-                            std::find(facts.cte_names.begin(), facts.cte_names.end(),
-                                      relation.name) != facts.cte_names.end();
-        if (!is_cte && std::find(info.tables.begin(), info.tables.end(), relation.name) ==
-                           info.tables.end()) {
+        const bool is_cte = !relation.target && ctes.count(relation.name) > 0;
+        if (!is_cte && seen.insert(relation.name).second) {
             info.tables.push_back(std::move(relation.name));
         }
     }
@@ -882,11 +879,15 @@ void StatementAnalyzer::add_dropped_relations(std::uint32_t body, StatementInfo&
     }
 }
 
-void attach_tags(const std::vector<Comment>& comments, StatementInfo& info) {
-    const std::uint64_t end = static_cast<std::uint64_t>(info.location) + info.length;
-    for (const Comment& comment : comments) {
-        if (comment.start < info.location || comment.start >= end) continue;
-        for (auto& tag : parse_comment_tags(comment.body)) info.tags.push_back(std::move(tag));
+// Adds the tags of the comments in text[info.location, end). Comments and statements both
+// come in text order, so `next` carries on where the previous statement stopped.
+void attach_tags(const std::vector<Comment>& comments, std::size_t& next, std::uint64_t end,
+                 StatementInfo& info) {
+    while (next < comments.size() && comments[next].start < info.location) ++next;
+    for (; next < comments.size() && comments[next].start < end; ++next) {
+        for (auto& tag : parse_comment_tags(comments[next].body)) {
+            info.tags.push_back(std::move(tag));
+        }
     }
 }
 
@@ -898,7 +899,8 @@ Classification unparsable(const std::string& sql) {
     info.is_write = true;
     info.parse_error = true;
     info.length = static_cast<std::uint32_t>(sql.size());
-    attach_tags(find_comments(sql), info);
+    std::size_t next_comment = 0;
+    attach_tags(find_comments(sql), next_comment, sql.size(), info);
     return result;
 }
 
@@ -1058,6 +1060,7 @@ Classification Classifier::classify_uncached(std::string_view sql) const {
     const std::uint32_t statements = tree.member(0, "stmts");
     if (statements == JsonTree::kNone) return result;  // nothing but comments and spaces
     const std::vector<Comment> comments = find_comments(text);
+    std::size_t next_comment = 0;
     const StatementAnalyzer analyzer(tree, text, config_.write_functions);
     for (std::uint32_t raw = statements + 1; raw < tree[statements].end; raw = tree[raw].end) {
         StatementInfo& info = result.statements.emplace_back();
@@ -1075,7 +1078,11 @@ Classification Classifier::classify_uncached(std::string_view sql) const {
         if (statement == JsonTree::kNone) return unparsable(text);
         analyzer.analyze(statement, std::string_view(text).substr(info.location, info.length),
                          info);
-        attach_tags(comments, info);
+        // A comment after the last ';' ("SELECT 1; /* client='a' */") belongs to no statement
+        // of the server's; it is taken as the last statement's, as its author meant.
+        const bool last = tree[raw].end == tree[statements].end;
+        attach_tags(comments, next_comment,
+                    last ? text.size() : std::uint64_t{info.location} + info.length, info);
     }
     return result;
 }

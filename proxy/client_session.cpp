@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <deque>
 #include <vector>
 
 #include "proxy/deadline.hpp"
@@ -178,6 +179,9 @@ awaitable<void> ClientSession::run() {
                                   {"database", database_}, {"application_name", application_name_},
                                   {"server_pid", std::to_string(server_->process_id)},
                                   {"tls", client_.is_tls() ? "true" : "false"}});
+    interceptor_ = std::make_unique<Interceptor>(runtime_, id_, policy::ClientIdentity(startup_parameters_, peer_address_));
+    startup_parameters_.clear();
+    startup_parameters_.shrink_to_fit();
     runtime_.server_connections.fetch_add(1, std::memory_order_relaxed);
     End why = co_await relay();
     runtime_.server_connections.fetch_sub(1, std::memory_order_relaxed);
@@ -299,6 +303,7 @@ awaitable<bool> ClientSession::startup() {
     database_ = std::string(packet->parameter("database"));
     if (database_.empty()) database_ = user_;
     application_name_ = std::string(packet->parameter("application_name"));
+    startup_parameters_ = packet->parameters;
     if (user_.empty()) {
         co_await send_fatal("28000", "no PostgreSQL user name specified in startup packet");
         co_return false;
@@ -490,10 +495,30 @@ awaitable<ClientSession::End> ClientSession::relay() {
 awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
     Stream& server = server_->stream();
     std::vector<asio::const_buffer> out;
-    std::size_t streaming = 0;  // bytes of a CopyData still to forward as they arrive
+    std::deque<std::string> scratch;  // replacement messages; stable addresses for `out`
+    std::size_t streaming = 0;        // bytes of a CopyData still to forward as they arrive
     const std::size_t max_length = config_->proxy.max_message_bytes;
+    Interceptor& interceptor = *interceptor_;
+    error_code ec;
+
+    // Sends what has been decided so far: first what pgwarden answers itself (nothing
+    // in flight comes before it), then the messages for the server.
+    auto flush = [&]() -> awaitable<bool> {
+        if (interceptor.has_immediate_output()) {
+            std::string bytes = interceptor.take_immediate_output();
+            co_await write_client(asio::buffer(bytes), ec);
+            if (ec) co_return false;
+        }
+        if (!out.empty()) {
+            co_await server.write(out, ec);
+            out.clear();
+            if (ec) co_return false;
+        }
+        scratch.clear();
+        co_return true;
+    };
+
     for (;;) {
-        error_code ec;
         std::size_t want = 1;
         wire::FrameHeader pending;
         if (streaming == 0 &&
@@ -510,7 +535,6 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         if (ec) co_return End::kClientClosed;
         client_buffer_.commit(n);
 
-        out.clear();
         std::string_view data = client_buffer_.data();
         std::size_t consumed = 0;
         bool terminate = false;
@@ -538,15 +562,39 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
                 consumed = data.size();
                 break;
             }
-            if (header.type == wire::fe::kTerminate) terminate = true;
-            out.emplace_back(rest.data(), header.total_size());
-            consumed += header.total_size();
-            if (terminate) break;
+            std::string_view message = rest.substr(0, header.total_size());
+            if (header.type == wire::fe::kTerminate) {
+                terminate = true;
+                out.emplace_back(message.data(), message.size());
+                consumed += message.size();
+                break;
+            }
+            auto step = interceptor.on_client_message(header.type, message);
+            if (step.delay_until) {
+                // Held back without blocking the thread: earlier messages go now, this one
+                // and everything after it wait.
+                if (!co_await flush()) co_return ec == asio::error::operation_aborted ? End::kClientClosed : End::kServerClosed;
+                asio::steady_timer timer(co_await asio::this_coro::executor, *step.delay_until);
+                co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+                if (ec) co_return End::kClientClosed;
+                data = client_buffer_.data();
+                rest = data.substr(consumed);
+                message = rest.substr(0, header.total_size());
+            }
+            switch (step.action) {
+                case Interceptor::ClientStep::Action::kForward:
+                    out.emplace_back(message.data(), message.size());
+                    break;
+                case Interceptor::ClientStep::Action::kReplace:
+                    scratch.push_back(std::move(step.replacement));
+                    out.emplace_back(scratch.back().data(), scratch.back().size());
+                    break;
+                case Interceptor::ClientStep::Action::kDrop:
+                    break;
+            }
+            consumed += message.size();
         }
-        if (!out.empty()) {
-            co_await server.write(out, ec);
-            if (ec) co_return End::kServerClosed;
-        }
+        if (!co_await flush()) co_return End::kServerClosed;
         client_buffer_.consume(consumed);
         if (terminate) co_return End::kTerminated;
     }
@@ -556,11 +604,11 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
     Stream& server = server_->stream();
     Buffer& sbuf = server_->buffer();
     std::vector<asio::const_buffer> out;
+    std::deque<std::string> scratch;
     std::size_t streaming = 0;
-    const std::size_t max_length = config_->proxy.max_message_bytes;
-    // Server messages may legitimately exceed the client-side limit (a huge DataRow is
-    // streamed anyway), so only PostgreSQL's own limit applies here.
-    (void)max_length;
+    Interceptor& interceptor = *interceptor_;
+    // Server messages are only bound by PostgreSQL's own limit: a huge DataRow is
+    // streamed through, never buffered whole.
     for (;;) {
         error_code ec;
         std::size_t want = 1;
@@ -578,7 +626,6 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
         if (ec) co_return End::kServerClosed;
         sbuf.commit(n);
 
-        out.clear();
         std::string_view data = sbuf.data();
         std::size_t consumed = 0;
         while (consumed < data.size()) {
@@ -597,37 +644,47 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
                 log::error("protocol_violation", {{"session", std::to_string(id_)}, {"reason", "bad message header from server"}});
                 co_return End::kServerProtocolError;
             }
+            if (status == wire::FrameStatus::kPartial && server_message_needs_body(header.type)) break;
+            Interceptor::ServerStep step;
+            if (Interceptor::observes(header.type)) step = interceptor.on_server_message(header.type, rest.substr(0, header.total_size()));
+            if (header.type == wire::be::kReadyForQuery && rest.size() > wire::kHeaderSize) {
+                char status_byte = rest[wire::kHeaderSize];
+                set_state(status_byte == 'T'   ? SessionState::kInTransaction
+                          : status_byte == 'E' ? SessionState::kFailedTransaction
+                                               : SessionState::kIdle);
+            }
             if (status == wire::FrameStatus::kPartial) {
-                if (server_message_needs_body(header.type)) break;
+                // Only types whose body nobody reads get here: stream them through.
                 out.emplace_back(rest.data(), rest.size());
                 streaming = header.total_size() - rest.size();
                 consumed = data.size();
+                if (!step.emit_after.empty()) {
+                    // Cannot happen for streamed types; keep the bytes rather than lose them.
+                    scratch.push_back(std::move(step.emit_after));
+                }
                 break;
             }
-            std::string_view body = rest.substr(wire::kHeaderSize, header.body_size());
-            switch (header.type) {
-                case wire::be::kReadyForQuery: {
-                    auto ready = wire::parse_ready_for_query(body);
-                    if (!ready) co_return End::kServerProtocolError;
-                    set_state(ready->status == 'T'   ? SessionState::kInTransaction
-                              : ready->status == 'E' ? SessionState::kFailedTransaction
-                                                     : SessionState::kIdle);
+            switch (step.action) {
+                case Interceptor::ServerStep::Action::kRelay:
+                    out.emplace_back(rest.data(), header.total_size());
                     break;
-                }
-                case wire::be::kParameterStatus: {
-                    auto status_msg = wire::parse_parameter_status(body);
-                    if (status_msg && status_msg->name == "application_name")
-                        application_name_ = std::string(status_msg->value);
+                case Interceptor::ServerStep::Action::kReplace:
+                    scratch.push_back(std::move(step.replacement));
+                    out.emplace_back(scratch.back().data(), scratch.back().size());
                     break;
-                }
-                default:
+                case Interceptor::ServerStep::Action::kDrop:
                     break;
             }
-            out.emplace_back(rest.data(), header.total_size());
+            if (!step.emit_after.empty()) {
+                scratch.push_back(std::move(step.emit_after));
+                out.emplace_back(scratch.back().data(), scratch.back().size());
+            }
             consumed += header.total_size();
         }
         if (!out.empty()) {
-            co_await client_.write(out, ec);
+            co_await write_client(out, ec);
+            out.clear();
+            scratch.clear();
             if (ec) co_return End::kClientClosed;
         }
         sbuf.consume(consumed);

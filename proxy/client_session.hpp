@@ -10,6 +10,8 @@
 #include <string>
 
 #include "proxy/asio.hpp"
+#include "proxy/async_mutex.hpp"
+#include "proxy/interceptor.hpp"
 #include "proxy/buffer.hpp"
 #include "proxy/runtime.hpp"
 #include "proxy/server_connection.hpp"
@@ -58,6 +60,13 @@ private:
     awaitable<std::optional<wire::FrameHeader>> read_message(Stream& stream, Buffer& buffer, std::size_t max_length,
                                                              bool& violation);
     awaitable<void> send_to_client(const std::string& bytes);
+    // Writes to the client from a relay loop, serialized with the other loop.
+    template <class Buffers>
+    awaitable<void> write_client(const Buffers& buffers, error_code& ec) {
+        if (!client_write_.try_lock()) co_await client_write_.lock();
+        co_await client_.write(buffers, ec);
+        client_write_.unlock();
+    }
     awaitable<void> send_fatal(const std::string& sqlstate, const std::string& message,
                                const std::string& detail = {});
     void set_state(SessionState state);
@@ -74,6 +83,9 @@ private:
     std::int32_t client_secret_ = 0;
     std::string peer_address_;
     std::string user_, database_, application_name_;
+    std::vector<std::pair<std::string, std::string>> startup_parameters_;
+    std::unique_ptr<Interceptor> interceptor_;
+    AsyncMutex client_write_;  // both relay loops write to the client
     std::chrono::steady_clock::time_point started_;
 };
 

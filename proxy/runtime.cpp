@@ -5,13 +5,42 @@
 
 namespace pgwarden::proxy {
 
+Policies::Policies(const policy::Config& config) : rules(std::make_shared<policy::RulePolicy>(config.rules)) {
+    if (!config.rules.empty()) pipeline.add(rules);
+}
+
 Runtime::Runtime(policy::Config config)
     : client_tls_(make_client_side_tls(config.tls)), upstream_tls_(make_upstream_tls(config.upstream_tls)) {
+    policies_.store(std::make_shared<const Policies>(config));
     config_.store(std::make_shared<const policy::Config>(std::move(config)));
 }
 
 void Runtime::set_config(policy::Config config) {
+    policies_.store(std::make_shared<const Policies>(config), std::memory_order_release);
     config_.store(std::make_shared<const policy::Config>(std::move(config)), std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+}
+
+policy::Classifier& Runtime::classifier() {
+    struct PerThread {
+        std::uint64_t generation = 0;
+        std::vector<std::string> write_functions;
+        std::size_t cache_entries = 0;
+        std::unique_ptr<policy::Classifier> classifier;
+    };
+    thread_local PerThread mine;
+    std::uint64_t now = generation_.load(std::memory_order_acquire);
+    if (!mine.classifier || mine.generation != now) {
+        auto config = this->config();
+        if (!mine.classifier || mine.write_functions != config->classify.write_functions ||
+            mine.cache_entries != config->classify.cache_entries) {
+            mine.classifier = std::make_unique<policy::Classifier>(config->classify);
+            mine.write_functions = config->classify.write_functions;
+            mine.cache_entries = config->classify.cache_entries;
+        }
+        mine.generation = now;
+    }
+    return *mine.classifier;
 }
 
 }  // namespace pgwarden::proxy

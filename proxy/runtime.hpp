@@ -6,11 +6,21 @@
 #include <cstdint>
 #include <memory>
 
+#include "policy/classifier.hpp"
 #include "policy/config.hpp"
+#include "policy/pipeline.hpp"
+#include "policy/rules.hpp"
 #include "proxy/asio.hpp"
 #include "proxy/cancel_registry.hpp"
 
 namespace pgwarden::proxy {
+
+// The policies built from one configuration; replaced whole on reload.
+struct Policies {
+    explicit Policies(const policy::Config& config);
+    policy::Pipeline pipeline;
+    std::shared_ptr<policy::RulePolicy> rules;
+};
 
 class Runtime {
 public:
@@ -18,6 +28,10 @@ public:
 
     std::shared_ptr<const policy::Config> config() const { return config_.load(std::memory_order_acquire); }
     void set_config(policy::Config config);
+    std::shared_ptr<const Policies> policies() const { return policies_.load(std::memory_order_acquire); }
+    // The calling thread's classifier (libpg_query and its cache are per thread), rebuilt
+    // when a reload changes what classification depends on.
+    policy::Classifier& classifier();
 
     asio::ssl::context* client_tls() const { return client_tls_.get(); }
     asio::ssl::context* upstream_tls() const { return upstream_tls_.get(); }
@@ -33,6 +47,8 @@ public:
 
 private:
     std::atomic<std::shared_ptr<const policy::Config>> config_;
+    std::atomic<std::shared_ptr<const Policies>> policies_;
+    std::atomic<std::uint64_t> generation_{1};
     std::unique_ptr<asio::ssl::context> client_tls_;
     std::unique_ptr<asio::ssl::context> upstream_tls_;
     CancelRegistry cancels_;

@@ -26,7 +26,9 @@ public:
     explicit UntypedPacket(std::string& out) : out_(out), start_(out.size()) {
         append_uint32(out_, 0);
     }
-    ~UntypedPacket() { patch_uint32(out_, start_, static_cast<std::uint32_t>(out_.size() - start_)); }
+    ~UntypedPacket() {
+        patch_uint32(out_, start_, static_cast<std::uint32_t>(out_.size() - start_));
+    }
     UntypedPacket(const UntypedPacket&) = delete;
     UntypedPacket& operator=(const UntypedPacket&) = delete;
 
@@ -180,7 +182,8 @@ void append_parse(std::string& out, std::string_view statement, std::string_view
     MessageBuilder message(out, fe::kParse);
     message.cstring(statement).cstring(sql);
     message.int16(static_cast<std::int16_t>(param_types.size()));
-    for (const std::int32_t type_oid : param_types) message.int32(type_oid);
+    for (const std::int32_t type_oid : param_types)
+        message.int32(type_oid);
 }
 
 void append_bind(std::string& out, std::string_view portal, std::string_view statement,

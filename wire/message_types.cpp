@@ -18,10 +18,8 @@ bool is_frontend_type(char type) {
         case fe::kPassword:
         case fe::kQuery:
         case fe::kSync:
-        case fe::kTerminate:
-            return true;
-        default:
-            return false;
+        case fe::kTerminate: return true;
+        default: return false;
     }
 }
 
@@ -50,10 +48,8 @@ bool is_backend_type(char type) {
         case be::kParseComplete:
         case be::kPortalSuspended:
         case be::kReadyForQuery:
-        case be::kRowDescription:
-            return true;
-        default:
-            return false;
+        case be::kRowDescription: return true;
+        default: return false;
     }
 }
 

@@ -331,8 +331,7 @@ std::optional<StartupPacket> parse_startup_packet(std::string_view packet) {
             startup.kind = StartupKind::kGssEncRequest;
             if (!reader.done()) return std::nullopt;
             return startup;
-        default:
-            break;
+        default: break;
     }
     // Any 3.x is a startup message: the server answers a newer minor version with
     // NegotiateProtocolVersion rather than refusing it.

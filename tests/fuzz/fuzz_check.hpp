@@ -12,8 +12,8 @@ inline void require(bool condition) {
 
 // `view` lies inside `whole`: a parser never points outside the buffer it was given.
 inline bool inside(std::string_view view, std::string_view whole) {
-    return view.empty() ||
-           (view.data() >= whole.data() && view.data() + view.size() <= whole.data() + whole.size());
+    return view.empty() || (view.data() >= whole.data() &&
+                            view.data() + view.size() <= whole.data() + whole.size());
 }
 
 }  // namespace pgwarden::wire::fuzz

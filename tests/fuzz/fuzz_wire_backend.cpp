@@ -50,16 +50,13 @@ void check_command_complete(std::string_view message, std::string_view body) {
         const std::size_t last_space = complete->tag.rfind(' ');
         require(last_space != std::string_view::npos);
         const std::string_view word = complete->tag.substr(last_space + 1);
-        require(word.size() >= digits.size() &&
-                word.substr(word.size() - digits.size()) == digits);
+        require(word.size() >= digits.size() && word.substr(word.size() - digits.size()) == digits);
     }
 }
 
 void parse_backend(char type, std::string_view message, std::string_view body) {
     switch (type) {
-        case be::kAuthentication:
-            check_authentication(message, body);
-            break;
+        case be::kAuthentication: check_authentication(message, body); break;
         case be::kBackendKeyData:
             if (const auto key = parse_backend_key_data(body)) {
                 require_rebuilds(message, [&](std::string& o) {
@@ -80,14 +77,12 @@ void parse_backend(char type, std::string_view message, std::string_view body) {
                                  [&](std::string& o) { append_ready_for_query(o, ready->status); });
             }
             break;
-        case be::kCommandComplete:
-            check_command_complete(message, body);
-            break;
+        case be::kCommandComplete: check_command_complete(message, body); break;
         case be::kErrorResponse:
         case be::kNoticeResponse:
             if (const auto error = parse_error_fields(body)) {
-                require_rebuilds(message,
-                                 [&](std::string& o) { append_error_fields(o, type, error->fields); });
+                require_rebuilds(
+                    message, [&](std::string& o) { append_error_fields(o, type, error->fields); });
                 require(error->severity() == error->get('V') || error->get('V').empty());
             }
             break;

@@ -62,9 +62,8 @@ void parse_frontend(char type, std::string_view message, std::string_view body) 
             break;
         case fe::kClose:
             if (const auto close = parse_close(body)) {
-                require_rebuilds(message, [&](std::string& o) {
-                    append_close(o, close->target, close->name);
-                });
+                require_rebuilds(
+                    message, [&](std::string& o) { append_close(o, close->target, close->name); });
             }
             break;
         case fe::kCopyFail:
@@ -89,9 +88,7 @@ void parse_frontend(char type, std::string_view message, std::string_view body) 
         case fe::kTerminate:
             if (is_empty_body(body)) require_rebuilds(message, append_terminate);
             break;
-        case fe::kCopyDone:
-            require(is_empty_body(body) == body.empty());
-            break;
+        case fe::kCopyDone: require(is_empty_body(body) == body.empty()); break;
         default:  // CopyData and password messages are relayed unparsed
             break;
     }

@@ -11,6 +11,7 @@
 # to prove the tests; tests marked `proxy_only` are skipped then.
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -19,6 +20,9 @@ import harness
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A developer's PGHOST/PGSSLMODE/PGOPTIONS/... would silently change what libpq does.
+    for name in [n for n in os.environ if n.startswith("PG") and not n.startswith("PGWARDEN_")]:
+        del os.environ[name]
     config.addinivalue_line("markers", "proxy_only: needs a real pgwarden (skipped with PGWARDEN_DIRECT=1)")
 
 

@@ -168,6 +168,15 @@ class Target:
         import psycopg2
         return psycopg2.connect(self.dsn(user=user, dbname=dbname, **kw))
 
+    def connect_error(self, **kw: Any) -> str:
+        """Asserts that connecting fails and returns libpq's message. The exception is dropped
+        here so the failed PGconn (and any socket libpq still holds) is freed at once."""
+        try:
+            self.connect(**kw).close()
+        except psycopg.OperationalError as e:
+            return str(e)
+        raise AssertionError(f"connecting with {kw} succeeded")
+
     def fd_count(self) -> int | None:
         return None if self.pid is None else len(os.listdir(f"/proc/{self.pid}/fd"))
 
@@ -407,9 +416,7 @@ class Pgwarden(Target):
 
 
 def _client_env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in [k for k in env if k.startswith("PG") and k not in ("PGWARDEN_BIN", "PGWARDEN_DIRECT")]:
-        del env[key]  # a developer's PGHOST/PGUSER/... must not leak into the tests
+    env = dict(os.environ)  # PG* variables were cleared by conftest.py
     env["PGCONNECT_TIMEOUT"] = "10"
     env.update(extra or {})
     return env

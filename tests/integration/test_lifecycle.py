@@ -177,18 +177,18 @@ def test_many_sessions_come_and_go(proxy, pg_server):
 
 
 @pytest.mark.proxy_only
-def test_unreachable_upstream_gives_08006(pgwarden_factory, pg_server):
+def test_unreachable_upstream_gives_08006(pgwarden_factory):
     nobody_listens = harness.free_port()
     proxy = pgwarden_factory(upstream=f"{harness.HOST}:{nobody_listens}", wait="tcp")
-    fds = proxy.fd_count()
     with pgwire.RawConnection(proxy.host, proxy.port) as raw:
         result = raw.startup("postgres")
         assert result.error is not None
         assert (result.error["S"], result.error["C"]) == ("FATAL", "08006")
         assert result.error["M"].startswith("pgwarden: cannot connect to upstream")
         assert raw.at_eof()
-    with pytest.raises(psycopg.OperationalError) as refused:
-        psycopg.connect(proxy.dsn(connect_timeout=10))
-    assert "pgwarden: cannot connect to upstream" in str(refused.value)
+    # Measured only now: pgwarden's worker threads may open their fds after it starts listening.
+    fds = proxy.fd_count()
+    for _ in range(5):
+        assert "pgwarden: cannot connect to upstream" in proxy.connect_error()
     assert proxy.alive()
     harness.wait_until(lambda: proxy.fd_count() <= fds, 10, f"pgwarden fds back to {fds}")

@@ -380,6 +380,8 @@ TEST_CASE("classifier: SET, RESET and DISCARD", "[classifier]") {
         {"SET x.y = on", "x.y", "on"},
         {"SET x.y = ''", "x.y", ""},
         {"SET x.y = 'it''s'", "x.y", "it's"},
+        {"SET x.y = E'a\\tb\"c\\\\d<&>'", "x.y", "a\tb\"c\\d<&>"},
+        {"SET x.y = 'caf\u00e9 \U0001F600'", "x.y", "caf\u00e9 \U0001F600"},
         {"SET TIME ZONE 'UTC'", "timezone", "UTC"},
         {"SET NAMES 'UTF8'", "client_encoding", "UTF8"},
         {"SET x.y TO DEFAULT", "x.y", std::nullopt},
@@ -451,6 +453,9 @@ TEST_CASE("classifier: tables are schema-qualified as written and listed once", 
     CHECK(only(classify("SELECT * FROM s.a, b, s.a, \"Mixed\".\"Case\", b")).tables ==
           Tables{"s.a", "b", "Mixed.Case"});
     CHECK(only(classify("SELECT * FROM db.s.t")).tables == Tables{"s.t"});
+    // pg_query's JSON escapes some characters; names come back as written.
+    CHECK(only(classify("SELECT * FROM \"a>b\", \"q\"\"uote\", \"back\\slash\", \"t\u00e4\"")).tables ==
+          Tables{"a>b", "q\"uote", "back\\slash", "t\u00e4"});
     CHECK(only(classify("INSERT INTO t1 SELECT * FROM t2 WHERE x IN (SELECT y FROM t3)"))
               .tables == Tables{"t1", "t2", "t3"});
     // Text order, not the order of the parse tree's fields (WITH comes last there).
@@ -494,6 +499,12 @@ TEST_CASE("classifier: sqlcommenter tags", "[classifier]") {
         CHECK(result->statements[0].tag("client") == "a");
         CHECK(result->statements[1].tag("client") == "b");
         CHECK(result->statements[2].tags.empty());
+    }
+    SECTION("a comment after the last semicolon belongs to the last statement") {
+        const auto result = classify("SELECT 1; SELECT 2; /* client='tail' */");
+        REQUIRE(result->statements.size() == 2);
+        CHECK(result->statements[0].tags.empty());
+        CHECK(result->statements[1].tag("client") == "tail");
     }
     SECTION("an escaped quote in a value") {
         CHECK(only(classify("/* note='it\\'s' */ SELECT 1")).tag("note") == "it's");

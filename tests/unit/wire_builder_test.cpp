@@ -5,11 +5,11 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/unit/wire_test_support.hpp"
 #include "wire/builder.hpp"
 #include "wire/frame.hpp"
 #include "wire/limits.hpp"
 #include "wire/messages.hpp"
-#include "tests/unit/wire_test_support.hpp"
 
 using namespace pgwarden::wire;
 using namespace pgwarden::wire::test;
@@ -65,8 +65,8 @@ TEST_CASE("builders append, so a batch goes out in one write", "[wire][builder]"
     append_bind_complete(out);
     append_command_complete(out, "SELECT 1");
     append_ready_for_query(out, 'I');
-    CHECK(out == message('1', "") + message('2', "") + message('C', cstr("SELECT 1")) +
-                     message('Z', "I"));
+    CHECK(out ==
+          message('1', "") + message('2', "") + message('C', cstr("SELECT 1")) + message('Z', "I"));
 }
 
 TEST_CASE("Diagnostic encodes S, V, C, M, then optional D and H", "[wire][builder]") {
@@ -74,9 +74,10 @@ TEST_CASE("Diagnostic encodes S, V, C, M, then optional D and H", "[wire][builde
     SECTION("all fields") {
         append_error_response(out, {"ERROR", "53400", "pgwarden: write rate limit exceeded",
                                     "rule writes", "retry after 250 ms"});
-        CHECK(out == message('E', "SERROR\0VERROR\0C53400\0"
-                                  "Mpgwarden: write rate limit exceeded\0"
-                                  "Drule writes\0Hretry after 250 ms\0\0"s));
+        CHECK(out == message('E',
+                             "SERROR\0VERROR\0C53400\0"
+                             "Mpgwarden: write rate limit exceeded\0"
+                             "Drule writes\0Hretry after 250 ms\0\0"s));
     }
     SECTION("without detail and hint") {
         append_notice_response(out, {"WARNING", "01000", "careful", "", ""});
@@ -84,7 +85,8 @@ TEST_CASE("Diagnostic encodes S, V, C, M, then optional D and H", "[wire][builde
     }
     SECTION("hint without detail") {
         append_error_response(out, {"FATAL", "08P01", "pgwarden: protocol violation", "", "h"});
-        CHECK(out == message('E', "SFATAL\0VFATAL\0C08P01\0Mpgwarden: protocol violation\0Hh\0\0"s));
+        CHECK(out ==
+              message('E', "SFATAL\0VFATAL\0C08P01\0Mpgwarden: protocol violation\0Hh\0\0"s));
     }
     SECTION("NULs in client text cannot cut the message short") {
         append_error_response(out, {"ERROR", "42501", "bad \0name"s, "", ""});
@@ -156,8 +158,8 @@ TEST_CASE("frontend builders match the documented layouts", "[wire][builder]") {
     }
     SECTION("Bind values may hold NULs: they are length-prefixed, not terminated") {
         append_bind(out, "", "", {"a\0b"s});
-        CHECK(out == message('B', cstr("") + cstr("") + be16(0) + be16(1) + be32(3) + "a\0b"s +
-                                      be16(0)));
+        CHECK(out ==
+              message('B', cstr("") + cstr("") + be16(0) + be16(1) + be32(3) + "a\0b"s + be16(0)));
     }
     SECTION("Execute, Describe, Close, Sync, Flush, Terminate") {
         append_execute(out, "p", 0);

@@ -5,11 +5,11 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/unit/wire_test_support.hpp"
 #include "wire/frame.hpp"
 #include "wire/limits.hpp"
 #include "wire/message_types.hpp"
 #include "wire/reader.hpp"
-#include "tests/unit/wire_test_support.hpp"
 
 using namespace pgwarden::wire;
 using namespace pgwarden::wire::test;
@@ -176,21 +176,35 @@ TEST_CASE("Reader errors are sticky and never read out of bounds", "[wire][reade
     }
 }
 
-TEST_CASE("frontend and backend type tables list exactly the protocol's types",
-          "[wire][types]") {
-    const std::set<char> frontend = {fe::kBind,     fe::kClose,        fe::kCopyData, fe::kCopyDone,
-                                     fe::kCopyFail, fe::kDescribe,     fe::kExecute,  fe::kFlush,
+TEST_CASE("frontend and backend type tables list exactly the protocol's types", "[wire][types]") {
+    const std::set<char> frontend = {fe::kBind,         fe::kClose,    fe::kCopyData, fe::kCopyDone,
+                                     fe::kCopyFail,     fe::kDescribe, fe::kExecute,  fe::kFlush,
                                      fe::kFunctionCall, fe::kParse,    fe::kPassword, fe::kQuery,
-                                     fe::kSync,     fe::kTerminate};
-    const std::set<char> backend = {
-        be::kAuthentication,     be::kBackendKeyData,     be::kBindComplete,
-        be::kCloseComplete,      be::kCommandComplete,    be::kCopyBothResponse,
-        be::kCopyData,           be::kCopyDone,           be::kCopyInResponse,
-        be::kCopyOutResponse,    be::kDataRow,            be::kEmptyQueryResponse,
-        be::kErrorResponse,      be::kFunctionCallResponse, be::kNegotiateProtocolVersion,
-        be::kNoData,             be::kNoticeResponse,     be::kNotificationResponse,
-        be::kParameterDescription, be::kParameterStatus,  be::kParseComplete,
-        be::kPortalSuspended,    be::kReadyForQuery,      be::kRowDescription};
+                                     fe::kSync,         fe::kTerminate};
+    const std::set<char> backend = {be::kAuthentication,
+                                    be::kBackendKeyData,
+                                    be::kBindComplete,
+                                    be::kCloseComplete,
+                                    be::kCommandComplete,
+                                    be::kCopyBothResponse,
+                                    be::kCopyData,
+                                    be::kCopyDone,
+                                    be::kCopyInResponse,
+                                    be::kCopyOutResponse,
+                                    be::kDataRow,
+                                    be::kEmptyQueryResponse,
+                                    be::kErrorResponse,
+                                    be::kFunctionCallResponse,
+                                    be::kNegotiateProtocolVersion,
+                                    be::kNoData,
+                                    be::kNoticeResponse,
+                                    be::kNotificationResponse,
+                                    be::kParameterDescription,
+                                    be::kParameterStatus,
+                                    be::kParseComplete,
+                                    be::kPortalSuspended,
+                                    be::kReadyForQuery,
+                                    be::kRowDescription};
     REQUIRE(frontend.size() == 14);
     REQUIRE(backend.size() == 24);
     for (int byte = 0; byte < 256; ++byte) {

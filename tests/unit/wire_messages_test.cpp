@@ -8,11 +8,11 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/unit/wire_test_support.hpp"
 #include "wire/builder.hpp"
 #include "wire/frame.hpp"
 #include "wire/message_types.hpp"
 #include "wire/messages.hpp"
-#include "tests/unit/wire_test_support.hpp"
 
 using namespace pgwarden::wire;
 using namespace pgwarden::wire::test;
@@ -55,14 +55,18 @@ Sample typed(std::string name, Direction direction, char type, std::string bytes
 }
 
 Sample empty(std::string name, Direction direction, char type, std::string bytes) {
-    return Sample{std::move(name), direction, type, std::move(bytes), is_empty_body,
-                  is_empty_body, true};
+    return Sample{std::move(name), direction,     type, std::move(bytes),
+                  is_empty_body,   is_empty_body, true};
 }
 
 // Types the proxy relays without a typed parser: framing must still give back the body.
 Sample opaque(std::string name, Direction direction, char type, std::string expected_body) {
     std::string bytes = message(type, expected_body);
-    return Sample{std::move(name), direction, type, std::move(bytes), nullptr,
+    return Sample{std::move(name),
+                  direction,
+                  type,
+                  std::move(bytes),
+                  nullptr,
                   [expected_body](std::string_view body) { return body == expected_body; },
                   false};
 }
@@ -76,8 +80,7 @@ std::string built(Build build) {
 
 std::string function_call_body() {
     // OID 1299 (now()), one binary format code, two args (one NULL), text result.
-    return be32(1299) + be16(1) + be16(1) + be16(2) + be32(3) + "abc" + be32(0xffffffffu) +
-           be16(0);
+    return be32(1299) + be16(1) + be16(1) + be16(2) + be32(3) + "abc" + be32(0xffffffffu) + be16(0);
 }
 
 std::vector<Sample> frontend_samples() {
@@ -86,29 +89,35 @@ std::vector<Sample> frontend_samples() {
     samples.push_back(typed<Query>(
         "Query", fe_dir, fe::kQuery, built([](auto& o) { append_query(o, "SELECT 1; SELECT 2"); }),
         parse_query, [](const Query& q) { return q.sql == "SELECT 1; SELECT 2"; }));
-    samples.push_back(typed<Parse>(
-        "Parse", fe_dir, fe::kParse,
-        built([](auto& o) { append_parse(o, "s1", "SELECT $1, $2", {23, 25}); }), parse_parse,
-        [](const Parse& p) {
-            return p.statement == "s1" && p.sql == "SELECT $1, $2" && p.param_type_count == 2;
-        }));
+    samples.push_back(typed<Parse>("Parse", fe_dir, fe::kParse, built([](auto& o) {
+                                       append_parse(o, "s1", "SELECT $1, $2", {23, 25});
+                                   }),
+                                   parse_parse, [](const Parse& p) {
+                                       return p.statement == "s1" && p.sql == "SELECT $1, $2" &&
+                                              p.param_type_count == 2;
+                                   }));
     samples.push_back(typed<Parse>(
         "Parse (unnamed, no types)", fe_dir, fe::kParse,
         built([](auto& o) { append_parse(o, "", "SELECT 1"); }), parse_parse,
         [](const Parse& p) { return p.statement.empty() && p.param_type_count == 0; }));
-    samples.push_back(typed<Bind>(
-        "Bind", fe_dir, fe::kBind,
-        built([](auto& o) { append_bind(o, "p1", "s1", {"42", "", "hello"}); }), parse_bind,
-        [](const Bind& b) { return b.portal == "p1" && b.statement == "s1" && b.param_count == 3; }));
-    samples.push_back(typed<Bind>(
-        "Bind (NULLs)", fe_dir, fe::kBind,
-        built([](auto& o) { append_bind_nullable(o, "", "s2", {std::nullopt, "x", std::nullopt}); }),
-        parse_bind,
-        [](const Bind& b) { return b.portal.empty() && b.statement == "s2" && b.param_count == 3; }));
+    samples.push_back(typed<Bind>("Bind", fe_dir, fe::kBind, built([](auto& o) {
+                                      append_bind(o, "p1", "s1", {"42", "", "hello"});
+                                  }),
+                                  parse_bind, [](const Bind& b) {
+                                      return b.portal == "p1" && b.statement == "s1" &&
+                                             b.param_count == 3;
+                                  }));
+    samples.push_back(
+        typed<Bind>("Bind (NULLs)", fe_dir, fe::kBind, built([](auto& o) {
+                        append_bind_nullable(o, "", "s2", {std::nullopt, "x", std::nullopt});
+                    }),
+                    parse_bind, [](const Bind& b) {
+                        return b.portal.empty() && b.statement == "s2" && b.param_count == 3;
+                    }));
     samples.push_back(typed<Bind>(
         "Bind (format codes)", fe_dir, fe::kBind,
-        message(fe::kBind, cstr("p") + cstr("s") + be16(2) + be16(1) + be16(0) + be16(2) +
-                               be32(4) + "\0\0\0\x07"s + be32(1) + "7" + be16(1) + be16(1)),
+        message(fe::kBind, cstr("p") + cstr("s") + be16(2) + be16(1) + be16(0) + be16(2) + be32(4) +
+                               "\0\0\0\x07"s + be32(1) + "7" + be16(1) + be16(1)),
         parse_bind, [](const Bind& b) { return b.param_count == 2; }));
     samples.push_back(typed<Execute>(
         "Execute", fe_dir, fe::kExecute, built([](auto& o) { append_execute(o, "p1", 100); }),
@@ -160,22 +169,27 @@ std::vector<Sample> backend_samples() {
                 false);
     auth_sample("AuthenticationSASLFinal", auth::kSaslFinal, "v=c2lnbmF0dXJl", false);
     samples.push_back(typed<Authentication>(
-        "AuthenticationSASL", be_dir, be::kAuthentication,
-        built([](auto& o) { append_authentication_sasl(o, {"SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"}); }),
+        "AuthenticationSASL", be_dir, be::kAuthentication, built([](auto& o) {
+            append_authentication_sasl(o, {"SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"});
+        }),
         parse_authentication, [](const Authentication& a) {
             const auto mechanisms = parse_sasl_mechanisms(a.data);
             return a.code == auth::kSasl && mechanisms &&
-                   *mechanisms == std::vector<std::string_view>{"SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"};
+                   *mechanisms ==
+                       std::vector<std::string_view>{"SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"};
         }));
-    samples.push_back(typed<BackendKeyData>(
-        "BackendKeyData", be_dir, be::kBackendKeyData,
-        built([](auto& o) { append_backend_key_data(o, 4242, -559038737); }), parse_backend_key_data,
-        [](const BackendKeyData& k) { return k.process_id == 4242 && k.secret_key == -559038737; }));
+    samples.push_back(
+        typed<BackendKeyData>("BackendKeyData", be_dir, be::kBackendKeyData,
+                              built([](auto& o) { append_backend_key_data(o, 4242, -559038737); }),
+                              parse_backend_key_data, [](const BackendKeyData& k) {
+                                  return k.process_id == 4242 && k.secret_key == -559038737;
+                              }));
     samples.push_back(typed<ParameterStatus>(
         "ParameterStatus", be_dir, be::kParameterStatus,
         built([](auto& o) { append_parameter_status(o, "TimeZone", "Europe/Berlin"); }),
-        parse_parameter_status,
-        [](const ParameterStatus& s) { return s.name == "TimeZone" && s.value == "Europe/Berlin"; }));
+        parse_parameter_status, [](const ParameterStatus& s) {
+            return s.name == "TimeZone" && s.value == "Europe/Berlin";
+        }));
     for (const char status : {'I', 'T', 'E'}) {
         samples.push_back(typed<ReadyForQuery>(
             "ReadyForQuery "s + status, be_dir, be::kReadyForQuery,
@@ -187,8 +201,7 @@ std::vector<Sample> backend_samples() {
         built([](auto& o) { append_command_complete(o, "INSERT 0 5"); }), parse_command_complete,
         [](const CommandComplete& c) { return c.tag == "INSERT 0 5"; }));
     samples.push_back(typed<ErrorFields>(
-        "ErrorResponse", be_dir, be::kErrorResponse,
-        built([](auto& o) {
+        "ErrorResponse", be_dir, be::kErrorResponse, built([](auto& o) {
             append_error_response(o, {"FATAL", "08P01", "pgwarden: protocol violation", "d", "h"});
         }),
         parse_error_fields, [](const ErrorFields& e) {
@@ -197,8 +210,9 @@ std::vector<Sample> backend_samples() {
                    e.get('H') == "h";
         }));
     samples.push_back(typed<ErrorFields>(
-        "NoticeResponse", be_dir, be::kNoticeResponse,
-        built([](auto& o) { append_notice_response(o, {"NOTICE", "00000", "hello", "", ""}); }),
+        "NoticeResponse", be_dir, be::kNoticeResponse, built([](auto& o) {
+            append_notice_response(o, {"NOTICE", "00000", "hello", "", ""});
+        }),
         parse_error_fields, [](const ErrorFields& e) {
             return e.severity() == "NOTICE" && e.message() == "hello" && e.fields.size() == 4;
         }));
@@ -217,7 +231,8 @@ std::vector<Sample> backend_samples() {
     copy_sample("CopyInResponse", be::kCopyInResponse);
     copy_sample("CopyOutResponse", be::kCopyOutResponse);
     copy_sample("CopyBothResponse", be::kCopyBothResponse);
-    const std::string field_tail = be32(16384) + be16(1) + be32(23) + be16(4) + be32(0xffffffffu) + be16(0);
+    const std::string field_tail =
+        be32(16384) + be16(1) + be32(23) + be16(4) + be32(0xffffffffu) + be16(0);
     samples.push_back(typed<RowDescription>(
         "RowDescription", be_dir, be::kRowDescription,
         message(be::kRowDescription, be16(2) + cstr("id") + field_tail + cstr("") + field_tail),
@@ -228,17 +243,18 @@ std::vector<Sample> backend_samples() {
                             built([](auto& o) { append_bind_complete(o); })));
     samples.push_back(empty("CloseComplete", be_dir, be::kCloseComplete,
                             built([](auto& o) { append_close_complete(o); })));
-    samples.push_back(empty("NoData", be_dir, be::kNoData, built([](auto& o) { append_no_data(o); })));
+    samples.push_back(
+        empty("NoData", be_dir, be::kNoData, built([](auto& o) { append_no_data(o); })));
     samples.push_back(empty("EmptyQueryResponse", be_dir, be::kEmptyQueryResponse,
                             built([](auto& o) { append_empty_query_response(o); })));
-    samples.push_back(empty("PortalSuspended", be_dir, be::kPortalSuspended,
-                            message(be::kPortalSuspended, "")));
+    samples.push_back(
+        empty("PortalSuspended", be_dir, be::kPortalSuspended, message(be::kPortalSuspended, "")));
     samples.push_back(empty("CopyDone", be_dir, be::kCopyDone, message(be::kCopyDone, "")));
     samples.push_back(opaque("CopyData", be_dir, be::kCopyData, "row\0data\n"s));
-    samples.push_back(opaque("DataRow", be_dir, be::kDataRow,
-                             be16(2) + be32(1) + "1" + be32(0xffffffffu)));
-    samples.push_back(opaque("FunctionCallResponse", be_dir, be::kFunctionCallResponse,
-                             be32(4) + "\0\0\0\x2a"s));
+    samples.push_back(
+        opaque("DataRow", be_dir, be::kDataRow, be16(2) + be32(1) + "1" + be32(0xffffffffu)));
+    samples.push_back(
+        opaque("FunctionCallResponse", be_dir, be::kFunctionCallResponse, be32(4) + "\0\0\0\x2a"s));
     samples.push_back(opaque("ParameterDescription", be_dir, be::kParameterDescription,
                              be16(2) + be32(23) + be32(25)));
     samples.push_back(opaque("NegotiateProtocolVersion", be_dir, be::kNegotiateProtocolVersion,
@@ -248,7 +264,8 @@ std::vector<Sample> backend_samples() {
 
 std::vector<Sample> all_samples() {
     std::vector<Sample> samples = frontend_samples();
-    for (Sample& sample : backend_samples()) samples.push_back(std::move(sample));
+    for (Sample& sample : backend_samples())
+        samples.push_back(std::move(sample));
     return samples;
 }
 
@@ -287,7 +304,8 @@ TEST_CASE("every message type round-trips build -> frame -> parse", "[wire][mess
 TEST_CASE("a batch of every message frames back into the same sequence", "[wire][messages]") {
     const std::vector<Sample> samples = all_samples();
     std::string stream;
-    for (const Sample& sample : samples) stream += sample.bytes;
+    for (const Sample& sample : samples)
+        stream += sample.bytes;
     std::string_view rest = stream;
     for (const Sample& sample : samples) {
         INFO(sample.name);
@@ -355,7 +373,8 @@ TEST_CASE("embedded NULs shift the message and are rejected", "[wire][messages]"
 
 TEST_CASE("Parse counts parameter types as unsigned, like PostgreSQL", "[wire][messages]") {
     std::string body = cstr("") + cstr("INSERT ...") + be16(65535);
-    for (int i = 0; i < 65535; ++i) body += be32(25);
+    for (int i = 0; i < 65535; ++i)
+        body += be32(25);
     const auto parse = parse_parse(body);
     REQUIRE(parse);
     CHECK(parse->param_type_count == 65535);
@@ -367,7 +386,8 @@ TEST_CASE("Bind is fully walked", "[wire][messages][bind]") {
     const std::string names = cstr("p") + cstr("s");
     SECTION("more than 32767 parameters, as libpq allows") {
         std::string body = names + be16(0) + be16(40000);
-        for (int i = 0; i < 40000; ++i) body += be32(0xffffffffu);
+        for (int i = 0; i < 40000; ++i)
+            body += be32(0xffffffffu);
         body += be16(0);
         const auto bind = parse_bind(body);
         REQUIRE(bind);
@@ -393,7 +413,8 @@ TEST_CASE("Bind is fully walked", "[wire][messages][bind]") {
         CHECK_FALSE(parse_bind(names + be16(0) + be16(0)));  // result format count missing
     }
     SECTION("fewer parameters than counted is malformed") {
-        CHECK_FALSE(parse_bind(names + be16(0) + be16(3) + be32(1) + "a" + be32(1) + "b" + be16(0)));
+        CHECK_FALSE(
+            parse_bind(names + be16(0) + be16(3) + be32(1) + "a" + be32(1) + "b" + be16(0)));
     }
 }
 
@@ -406,8 +427,10 @@ TEST_CASE("FunctionCall is fully walked", "[wire][messages]") {
     }
     SECTION("argument lengths") {
         CHECK(parse_function_call(be32(42) + be16(0) + be16(1) + be32(0xffffffffu) + be16(0)));
-        CHECK_FALSE(parse_function_call(be32(42) + be16(0) + be16(1) + be32(0xfffffffdu) + be16(0)));
-        CHECK_FALSE(parse_function_call(be32(42) + be16(0) + be16(1) + be32(9) + "short" + be16(0)));
+        CHECK_FALSE(
+            parse_function_call(be32(42) + be16(0) + be16(1) + be32(0xfffffffdu) + be16(0)));
+        CHECK_FALSE(
+            parse_function_call(be32(42) + be16(0) + be16(1) + be32(9) + "short" + be16(0)));
     }
     SECTION("the result format code is required") {
         CHECK_FALSE(parse_function_call(be32(42) + be16(0) + be16(0)));

@@ -7,11 +7,11 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/unit/wire_test_support.hpp"
 #include "wire/builder.hpp"
 #include "wire/frame.hpp"
 #include "wire/limits.hpp"
 #include "wire/messages.hpp"
-#include "tests/unit/wire_test_support.hpp"
 
 using namespace pgwarden::wire;
 using namespace pgwarden::wire::test;
@@ -81,8 +81,7 @@ TEST_CASE("a StartupMessage with no parameters is well-formed", "[wire][startup]
     CHECK(parsed->parameters.empty());
 }
 
-TEST_CASE("any 3.x protocol is a StartupMessage; other majors are unsupported",
-          "[wire][startup]") {
+TEST_CASE("any 3.x protocol is a StartupMessage; other majors are unsupported", "[wire][startup]") {
     for (const std::uint32_t minor_version : {0x00030001u, 0x00030002u, 0x0003ffffu}) {
         INFO("protocol " << std::hex << minor_version);
         const auto parsed = parse_startup_packet(startup({{"user", "u"}}, minor_version));

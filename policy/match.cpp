@@ -1,0 +1,150 @@
+// Name, address, kind and table matching.
+#include "policy/match.hpp"
+
+#include <arpa/inet.h>
+
+#include <cstring>
+
+namespace pgwarden::policy {
+
+bool glob_match(std::string_view pattern, std::string_view text) {
+    // Iterative wildcard matching with backtracking to the last '*'.
+    std::size_t p = 0, t = 0, star = std::string_view::npos, mark = 0;
+    while (t < text.size()) {
+        if (p < pattern.size() && pattern[p] == '*') {
+            star = p++;
+            mark = t;
+        } else if (p < pattern.size() && pattern[p] == text[t]) {
+            ++p;
+            ++t;
+        } else if (star != std::string_view::npos) {
+            p = star + 1;
+            t = ++mark;
+        } else {
+            return false;
+        }
+    }
+    while (p < pattern.size() && pattern[p] == '*') ++p;
+    return p == pattern.size();
+}
+
+std::optional<Cidr> Cidr::parse(std::string_view text) {
+    Cidr c;
+    std::string addr(text);
+    int prefix = -1;
+    if (auto slash = addr.find('/'); slash != std::string::npos) {
+        try {
+            std::size_t used = 0;
+            prefix = std::stoi(addr.substr(slash + 1), &used);
+            if (used != addr.size() - slash - 1) return std::nullopt;
+        } catch (...) {
+            return std::nullopt;
+        }
+        addr.resize(slash);
+    }
+    if (inet_pton(AF_INET, addr.c_str(), c.bytes_.data()) == 1) {
+        c.v6_ = false;
+        c.prefix_ = prefix < 0 ? 32 : prefix;
+        if (c.prefix_ > 32) return std::nullopt;
+    } else if (inet_pton(AF_INET6, addr.c_str(), c.bytes_.data()) == 1) {
+        c.v6_ = true;
+        c.prefix_ = prefix < 0 ? 128 : prefix;
+        if (c.prefix_ > 128) return std::nullopt;
+    } else {
+        return std::nullopt;
+    }
+    return c;
+}
+
+bool Cidr::contains(std::string_view address) const {
+    std::array<std::uint8_t, 16> bytes{};
+    std::string a(address);
+    bool v6;
+    if (inet_pton(AF_INET, a.c_str(), bytes.data()) == 1) {
+        v6 = false;
+    } else if (inet_pton(AF_INET6, a.c_str(), bytes.data()) == 1) {
+        v6 = true;
+        // An IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) matches v4 networks.
+        static const std::uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        if (!v6_ && std::memcmp(bytes.data(), mapped, 12) == 0) {
+            std::memmove(bytes.data(), bytes.data() + 12, 4);
+            v6 = false;
+        }
+    } else {
+        return false;
+    }
+    if (v6 != v6_) return false;
+    int full = prefix_ / 8, rest = prefix_ % 8;
+    if (std::memcmp(bytes.data(), bytes_.data(), std::size_t(full)) != 0) return false;
+    if (rest == 0) return true;
+    std::uint8_t mask = std::uint8_t(0xff << (8 - rest));
+    return (bytes[std::size_t(full)] & mask) == (bytes_[std::size_t(full)] & mask);
+}
+
+KindSet::KindSet(const std::vector<std::string>& names) {
+    for (const auto& n : names) {
+        if (n == "write") {
+            writes_ = true;
+        } else if (auto k = statement_kind_from_string(n)) {
+            bits_ |= 1u << static_cast<unsigned>(*k);
+            any_ = true;
+        }
+    }
+}
+
+bool KindSet::matches(const StatementInfo& statement) const {
+    if (writes_ && statement.is_write) return true;
+    return contains(statement.kind);
+}
+
+Matcher::Matcher(const Match& match) : match_(match), kinds_(match.statements) {
+    for (const auto& a : match.address)
+        if (auto c = Cidr::parse(a)) networks_.push_back(*c);
+}
+
+bool Matcher::any_glob(const std::vector<std::string>& patterns, std::string_view value) {
+    if (patterns.empty()) return true;
+    for (const auto& p : patterns)
+        if (glob_match(p, value)) return true;
+    return false;
+}
+
+bool Matcher::matches_client(const ClientIdentity& identity, std::string_view client) const {
+    if (!any_glob(match_.user, identity.user())) return false;
+    if (!any_glob(match_.database, identity.database())) return false;
+    if (!any_glob(match_.application_name, identity.application_name())) return false;
+    if (!any_glob(match_.client, client)) return false;
+    if (!match_.address.empty()) {
+        bool inside = false;
+        for (const auto& n : networks_) inside = inside || n.contains(identity.address());
+        if (!inside) return false;
+    }
+    return true;
+}
+
+bool Matcher::matches_statement(const StatementInfo& statement) const {
+    if (!kinds_.empty() && !kinds_.matches(statement)) return false;
+    if (!match_.tables.empty()) {
+        for (const auto& pattern : match_.tables)
+            for (const auto& table : statement.tables)
+                if (table_matches(pattern, table)) return true;
+        return false;
+    }
+    return true;
+}
+
+bool table_matches(std::string_view pattern, std::string_view table) {
+    std::string qualified;
+    if (table.find('.') == std::string_view::npos) {
+        if (pattern.find('.') == std::string_view::npos) return glob_match(pattern, table);
+        qualified = "public.";
+        qualified += table;
+        table = qualified;
+    } else if (pattern.find('.') == std::string_view::npos) {
+        // "orders" matches orders in any schema.
+        return glob_match(pattern, table.substr(table.rfind('.') + 1));
+    }
+    return glob_match(pattern, table);
+}
+
+}  // namespace pgwarden::policy

@@ -1,0 +1,68 @@
+// Matching clients and statements against the `match` tables of [[rule]] and
+// [[throttle]]: '*' wildcards for names, CIDR blocks for addresses, statement kinds
+// (with "write" meaning anything classified as a write) and table patterns.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "policy/classifier.hpp"
+#include "policy/config.hpp"
+#include "policy/identity.hpp"
+
+namespace pgwarden::policy {
+
+// Shell-style match where '*' stands for any run of characters (and nothing else is special).
+bool glob_match(std::string_view pattern, std::string_view text);
+
+// An IPv4 or IPv6 network ("10.0.0.0/8", "::1/128", or a plain address).
+class Cidr {
+public:
+    static std::optional<Cidr> parse(std::string_view text);
+    bool contains(std::string_view address) const;
+
+private:
+    bool v6_ = false;
+    std::array<std::uint8_t, 16> bytes_{};
+    int prefix_ = 0;
+};
+
+// Which statement kinds a list names: kinds by name, or "write" for any write.
+class KindSet {
+public:
+    KindSet() = default;
+    explicit KindSet(const std::vector<std::string>& names);
+    bool empty() const { return !any_ && !writes_; }
+    bool matches(const StatementInfo& statement) const;
+    bool contains(StatementKind kind) const { return bits_ & (1u << static_cast<unsigned>(kind)); }
+
+private:
+    std::uint32_t bits_ = 0;
+    bool any_ = false;
+    bool writes_ = false;
+};
+
+class Matcher {
+public:
+    Matcher() = default;
+    explicit Matcher(const Match& match);
+
+    bool matches_client(const ClientIdentity& identity, std::string_view client) const;
+    // Statement kinds and tables (only set for [[rule]]); true when neither is given.
+    bool matches_statement(const StatementInfo& statement) const;
+
+private:
+    static bool any_glob(const std::vector<std::string>& patterns, std::string_view value);
+    Match match_;
+    std::vector<Cidr> networks_;
+    KindSet kinds_;
+};
+
+// Does a table pattern ("audit.*", "orders", "*.secrets") match a table name as written
+// in a statement ("audit.log", "orders")? Unqualified names count as schema "public".
+bool table_matches(std::string_view pattern, std::string_view table);
+
+}  // namespace pgwarden::policy

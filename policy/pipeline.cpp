@@ -1,0 +1,42 @@
+// Combining the verdicts of several policies.
+#include "policy/pipeline.hpp"
+
+namespace pgwarden::policy {
+
+const char* to_string(TxState s) {
+    switch (s) {
+        case TxState::kIdle: return "idle";
+        case TxState::kInBlock: return "in_transaction";
+        case TxState::kFailed: return "failed_transaction";
+    }
+    return "unknown";
+}
+
+Verdict Pipeline::before(const StatementContext& context) const {
+    Verdict combined;
+    for (const auto& policy : policies_) {
+        Verdict v = policy->before(context);
+        for (auto& n : v.notices) combined.notices.push_back(std::move(n));
+        for (auto& h : v.hits) combined.hits.push_back(std::move(h));
+        if (v.doom_reason && !combined.doom_reason) {
+            combined.doom_reason = v.doom_reason;
+            combined.rule = v.rule;
+        }
+        if (v.delay_until && (!combined.delay_until || *v.delay_until > *combined.delay_until))
+            combined.delay_until = v.delay_until;
+        if (v.action != Verdict::Action::kAllow) {
+            v.notices = std::move(combined.notices);
+            v.hits = std::move(combined.hits);
+            if (!v.doom_reason) v.doom_reason = combined.doom_reason;
+            if (!v.delay_until) v.delay_until = combined.delay_until;
+            return v;
+        }
+    }
+    return combined;
+}
+
+void Pipeline::after(const StatementContext& context, const Outcome& outcome) const {
+    for (const auto& policy : policies_) policy->after(context, outcome);
+}
+
+}  // namespace pgwarden::policy

@@ -1,0 +1,99 @@
+// The policy pipeline: every statement passes through each policy before pgwarden
+// forwards it, and each policy sees the outcome afterwards. Policies are values that
+// the pipeline calls; they decide, the proxy acts (relays, delays, rejects, rewrites).
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "policy/classifier.hpp"
+#include "policy/identity.hpp"
+
+namespace pgwarden::policy {
+
+using Clock = std::chrono::steady_clock;
+
+// The transaction state as pgwarden predicts it when the statement is sent: it agrees
+// with the server's ReadyForQuery whenever nothing is in flight.
+enum class TxState : std::uint8_t { kIdle, kInBlock, kFailed };
+const char* to_string(TxState s);
+
+// An error or notice pgwarden sends in the server's name.
+struct Message {
+    std::string sqlstate;
+    std::string message;
+    std::string detail;
+    std::string hint;
+};
+
+// Everything a policy may look at for one statement.
+struct StatementContext {
+    const StatementInfo& statement;
+    std::string_view sql;            // this statement's text
+    const ClientIdentity& identity;
+    std::string_view client;         // resolved client name
+    TxState tx = TxState::kIdle;
+    int nesting_depth = 0;           // nested BEGINs inside the current block
+    bool extended_protocol = false;
+    std::uint64_t session_id = 0;
+};
+
+// A rule that matched, for metrics and logs (pgwarden_rule_hits_total{rule,action}).
+struct RuleHit {
+    std::string rule;
+    RuleAction action;
+};
+
+struct Verdict {
+    enum class Action : std::uint8_t { kAllow, kReject, kRewrite };
+    Action action = Action::kAllow;
+    Message error;                   // kReject: what the client sees
+    std::string rewrite_sql;         // kRewrite: sent to the server instead
+    std::string client_tag;          // kRewrite: the command tag the client sees ("" = server's)
+    std::optional<Clock::time_point> delay_until;  // wait before forwarding (throttling)
+    std::vector<Message> notices;    // NOTICEs sent to the client before the statement's results
+    std::string policy;              // which policy decided (for logs and metrics)
+    std::string rule;                // which rule, if any
+    std::vector<RuleHit> hits;       // every rule that matched
+    std::optional<std::string> doom_reason;  // doom the current transaction ("rule", ...)
+
+    static Verdict allow() { return {}; }
+    bool rejects() const { return action == Action::kReject; }
+};
+
+// What happened to a statement that reached the server.
+struct Outcome {
+    std::string_view command_tag;           // "" when it failed
+    std::optional<std::uint64_t> rows;      // from the tag
+    std::string_view sqlstate;              // "" when it succeeded
+    Clock::duration duration{};
+};
+
+class Policy {
+public:
+    virtual ~Policy() = default;
+    virtual const char* name() const = 0;
+    // Called before forwarding; a policy that has nothing to say returns allow().
+    virtual Verdict before(const StatementContext& context) = 0;
+    // Called when the statement's result (or error) arrives.
+    virtual void after(const StatementContext& /*context*/, const Outcome& /*outcome*/) {}
+};
+
+// Runs policies in order: the first rejection or rewrite wins; delays and notices of
+// policies that allow are kept (the latest delay applies).
+class Pipeline {
+public:
+    void add(std::shared_ptr<Policy> policy) { policies_.push_back(std::move(policy)); }
+    bool empty() const { return policies_.empty(); }
+    Verdict before(const StatementContext& context) const;
+    void after(const StatementContext& context, const Outcome& outcome) const;
+
+private:
+    std::vector<std::shared_ptr<Policy>> policies_;
+};
+
+}  // namespace pgwarden::policy

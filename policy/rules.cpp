@@ -1,0 +1,52 @@
+// Rule evaluation.
+#include "policy/rules.hpp"
+
+namespace pgwarden::policy {
+
+RulePolicy::RulePolicy(const std::vector<Rule>& rules) {
+    for (const auto& r : rules) rules_.push_back({r, Matcher(r.match)});
+}
+
+Verdict RulePolicy::before(const StatementContext& context) {
+    Verdict verdict;
+    for (const auto& [rule, matcher] : rules_) {
+        if (rule.nesting && rule.match.statements.empty() && rule.match.tables.empty()) {
+            // A rule that only sets the nesting mode says nothing about statements.
+            continue;
+        }
+        if (!matcher.matches_client(context.identity, context.client)) continue;
+        if (!matcher.matches_statement(context.statement)) continue;
+        std::string message = rule.message.empty() ? "pgwarden: rule " + rule.name : rule.message;
+        RuleHit hit{rule.name, rule.action};
+        verdict.hits.push_back(hit);
+        switch (rule.action) {
+            case RuleAction::kReject:
+                verdict.action = Verdict::Action::kReject;
+                verdict.error = Message{rule.sqlstate, message, "", ""};
+                verdict.policy = "rule";
+                verdict.rule = rule.name;
+                return verdict;
+            case RuleAction::kDoom:
+                if (context.tx == TxState::kInBlock && !verdict.doom_reason) {
+                    verdict.doom_reason = "rule";
+                    verdict.rule = rule.name;
+                }
+                break;
+            case RuleAction::kNotice:
+                verdict.notices.push_back(Message{"01000", message, "", ""});
+                break;
+            case RuleAction::kLog:
+                break;
+        }
+    }
+    return verdict;
+}
+
+std::optional<NestingMode> RulePolicy::nesting_override(const ClientIdentity& identity,
+                                                        std::string_view client) const {
+    for (const auto& [rule, matcher] : rules_)
+        if (rule.nesting && matcher.matches_client(identity, client)) return rule.nesting;
+    return std::nullopt;
+}
+
+}  // namespace pgwarden::policy
