@@ -20,14 +20,15 @@ using namespace std::string_view_literals;
 // statements crowd out the many small ones the cache is for.
 constexpr std::size_t kMaxCachedTextBytes = 64 * 1024;
 
+// In StatementKind's order.
+// clang-format off
 constexpr std::array<std::string_view, kStatementKindCount> kKindNames = {
-    "select",   "insert",   "update",   "delete",      "merge",
-    "copy_in",  "copy_out", "ddl",      "truncate",    "begin",
-    "commit",   "rollback", "savepoint", "release",    "rollback_to",
-    "prepare_transaction",  "commit_prepared",         "set",
-    "show",     "call",     "do",       "explain",     "lock",
-    "listen",   "notify",   "maintenance",             "other",
+    "select", "insert", "update", "delete", "merge", "copy_in", "copy_out", "ddl", "truncate",
+    "begin", "commit", "rollback", "savepoint", "release", "rollback_to", "prepare_transaction",
+    "commit_prepared", "set", "show", "call", "do", "explain", "lock", "listen", "notify",
+    "maintenance", "other",
 };
+// clang-format on
 
 bool is_space(char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
@@ -37,7 +38,8 @@ char ascii_lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c -
 
 std::string lowercase(std::string_view text) {
     std::string out(text);
-    for (char& c : out) c = ascii_lower(c);
+    for (char& c : out)
+        c = ascii_lower(c);
     return out;
 }
 
@@ -50,8 +52,10 @@ bool iequals(std::string_view a, std::string_view b) {
 }
 
 std::string_view trim(std::string_view text) {
-    while (!text.empty() && is_space(text.front())) text.remove_prefix(1);
-    while (!text.empty() && is_space(text.back())) text.remove_suffix(1);
+    while (!text.empty() && is_space(text.front()))
+        text.remove_prefix(1);
+    while (!text.empty() && is_space(text.back()))
+        text.remove_suffix(1);
     return text;
 }
 
@@ -94,9 +98,9 @@ public:
     struct Node {
         Type type = Type::kNull;
         std::uint32_t parent = kNone;
-        std::uint32_t end = 0;         // one past the last node of this subtree
-        std::string_view key;          // member name inside an object
-        std::string_view text;         // string contents (still escaped) or number digits
+        std::uint32_t end = 0;  // one past the last node of this subtree
+        std::string_view key;   // member name inside an object
+        std::string_view text;  // string contents (still escaped) or number digits
     };
 
     // False when the text is not well-formed JSON.
@@ -163,7 +167,8 @@ bool JsonTree::parse(std::string_view json) {
     nodes_.reserve(json.size() / 16 + 8);
     std::size_t pos = 0;
     const auto skip_space = [&] {
-        while (pos < json.size() && is_space(json[pos])) ++pos;
+        while (pos < json.size() && is_space(json[pos]))
+            ++pos;
     };
     // After '{' or ',' inside an object: the next member's name and its ':'.
     const auto read_key = [&](std::string_view& key) {
@@ -513,8 +518,8 @@ std::string_view first_keyword(std::string_view text) {
 
 struct Relation {
     std::int64_t location = 0;
-    std::string name;      // "schema.name" or "name"
-    bool target = false;   // INSERT/UPDATE/DELETE/MERGE/COPY's own relation, never a CTE
+    std::string name;     // "schema.name" or "name"
+    bool target = false;  // INSERT/UPDATE/DELETE/MERGE/COPY's own relation, never a CTE
 };
 
 // What a linear scan of a subtree finds, wherever it is nested.
@@ -554,9 +559,9 @@ const std::pair<std::string_view, StatementKind> kSimpleKinds[] = {
 };
 
 constexpr std::string_view kDdlPrefixes[] = {
-    "Create", "Alter",  "Drop",     "Define", "Grant", "Comment",       "SecLabel",
-    "Rename", "Reassign", "Import", "Refresh", "Index", "View",         "Rule",
-    "CompositeType", "ReplicaIdentity",
+    "Create",   "Alter",  "Drop",          "Define",          "Grant",   "Comment",
+    "SecLabel", "Rename", "Reassign",      "Import",          "Refresh", "Index",
+    "View",     "Rule",   "CompositeType", "ReplicaIdentity",
 };
 
 std::optional<StatementKind> simple_kind(std::string_view type) {
@@ -601,8 +606,7 @@ private:
     TreeFacts scan(std::uint32_t body) const;
     bool is_write_function(std::uint32_t funcname) const;
     void add_relation(std::uint32_t range_var, TreeFacts& facts) const;
-    void analyze_transaction(std::uint32_t body, std::string_view text,
-                             StatementInfo& info) const;
+    void analyze_transaction(std::uint32_t body, std::string_view text, StatementInfo& info) const;
     void analyze_set(std::uint32_t body, StatementInfo& info) const;
     std::string render_set_value(std::uint32_t wrapper) const;
     void add_dropped_relations(std::uint32_t body, StatementInfo& info) const;
@@ -698,8 +702,8 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
         info.reset_all = tree_.string_member(body, "target") == "DISCARD_ALL";
         info.is_write = false;
     } else if (type == "CopyStmt"sv) {
-        info.kind = tree_.bool_member(body, "is_from") ? StatementKind::kCopyIn
-                                                       : StatementKind::kCopyOut;
+        info.kind =
+            tree_.bool_member(body, "is_from") ? StatementKind::kCopyIn : StatementKind::kCopyOut;
         info.is_write = is_write_kind(info.kind) || writes_below;
     } else if (type == "ExplainStmt"sv) {
         bool analyze_option = false;
@@ -745,8 +749,8 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
         StatementInfo inner;
         const std::uint32_t query = tree_.member(body, "query");
         if (query != JsonTree::kNone) analyze(query, text, inner);
-        info.kind = inner.kind == StatementKind::kSelect ? StatementKind::kSelect
-                                                         : StatementKind::kOther;
+        info.kind =
+            inner.kind == StatementKind::kSelect ? StatementKind::kSelect : StatementKind::kOther;
         info.is_write = query == JsonTree::kNone || inner.is_write;
     } else if (is_ddl_type(type)) {
         info.kind = StatementKind::kDdl;
@@ -837,7 +841,8 @@ std::string StatementAnalyzer::render_set_value(std::uint32_t wrapper) const {
         if (location > 0 && static_cast<std::size_t>(location) < sql_.size()) {
             std::size_t end = static_cast<std::size_t>(location);
             if (sql_[end] == '-' || sql_[end] == '+') ++end;
-            while (end < sql_.size() && sql_[end] >= '0' && sql_[end] <= '9') ++end;
+            while (end < sql_.size() && sql_[end] >= '0' && sql_[end] <= '9')
+                ++end;
             const std::string_view digits =
                 sql_.substr(static_cast<std::size_t>(location), end - location);
             if (!digits.empty() && digits.back() >= '0' && digits.back() <= '9') {
@@ -883,7 +888,8 @@ void StatementAnalyzer::add_dropped_relations(std::uint32_t body, StatementInfo&
 // come in text order, so `next` carries on where the previous statement stopped.
 void attach_tags(const std::vector<Comment>& comments, std::size_t& next, std::uint64_t end,
                  StatementInfo& info) {
-    while (next < comments.size() && comments[next].start < info.location) ++next;
+    while (next < comments.size() && comments[next].start < info.location)
+        ++next;
     for (; next < comments.size() && comments[next].start < end; ++next) {
         for (auto& tag : parse_comment_tags(comments[next].body)) {
             info.tags.push_back(std::move(tag));
@@ -950,7 +956,8 @@ std::vector<std::pair<std::string, std::string>> parse_comment_tags(std::string_
     std::size_t pos = 0;
     const std::size_t size = comment.size();
     const auto skip_space = [&] {
-        while (pos < size && is_space(comment[pos])) ++pos;
+        while (pos < size && is_space(comment[pos]))
+            ++pos;
     };
     const auto skip_past_comma = [&] {
         const std::size_t comma = comment.find(',', pos);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "proxy/deadline.hpp"
+#include "metrics/proxy_metrics.hpp"
 #include "proxy/event_log.hpp"
 #include "wire/limits.hpp"
 #include "wire/reader.hpp"
@@ -91,7 +92,40 @@ ClientSession::~ClientSession() {
     if (counted_unauthenticated_) runtime_.unauthenticated.fetch_sub(1, std::memory_order_relaxed);
 }
 
-void ClientSession::set_state(SessionState state) { state_ = state; }
+void ClientSession::set_state(SessionState state) {
+    bool in_block = state == SessionState::kInTransaction || state == SessionState::kFailedTransaction;
+    bool was_in_block = state_ == SessionState::kInTransaction || state_ == SessionState::kFailedTransaction;
+    if (in_block && !was_in_block) transaction_started_ = std::chrono::steady_clock::now();
+    state_ = state;
+}
+
+std::string ClientSession::doom(const std::string& reason) {
+    (void)reason;
+    return "dooming transactions is not available yet";
+}
+
+nlohmann::json ClientSession::describe() const {
+    nlohmann::json j;
+    j["id"] = id_;
+    j["address"] = peer_address_;
+    j["user"] = user_;
+    j["database"] = database_;
+    j["application_name"] = interceptor_ ? interceptor_->identity().application_name() : application_name_;
+    j["client"] = interceptor_ ? interceptor_->identity().resolve(config_->identity, nullptr) : std::string();
+    j["state"] = interceptor_ && interceptor_->in_flight() > 0 ? "active" : to_string(state_);
+    j["nesting_depth"] = 0;
+    j["doomed_reason"] = nullptr;
+    bool in_block = state_ == SessionState::kInTransaction || state_ == SessionState::kFailedTransaction;
+    if (in_block)
+        j["transaction_age_seconds"] =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - transaction_started_).count();
+    else
+        j["transaction_age_seconds"] = nullptr;
+    j["server_pid"] = server_ ? server_->process_id : 0;
+    j["tls"] = client_.is_tls();
+    j["connected_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+    return j;
+}
 
 void ClientSession::close_all() {
     client_.close();
@@ -134,11 +168,18 @@ awaitable<std::optional<wire::FrameHeader>> ClientSession::read_message(Stream& 
 awaitable<void> ClientSession::run() {
     auto self = shared_from_this();
     const auto& limits = config_->proxy;
+    auto& metrics = metrics::proxy_metrics();
     runtime_.client_connections.fetch_add(1, std::memory_order_relaxed);
+    metrics.client_connections.inc();
+    metrics.client_connections_accepted.inc();
     struct Uncount {
         Runtime& r;
-        ~Uncount() { r.client_connections.fetch_sub(1, std::memory_order_relaxed); }
-    } uncount{runtime_};
+        metrics::ProxyMetrics& m;
+        ~Uncount() {
+            r.client_connections.fetch_sub(1, std::memory_order_relaxed);
+            m.client_connections.dec();
+        }
+    } uncount{runtime_, metrics};
     const std::string session = std::to_string(id_);
 
     if (runtime_.client_connections.load(std::memory_order_relaxed) > int(limits.max_client_connections)) {
@@ -183,8 +224,12 @@ awaitable<void> ClientSession::run() {
     startup_parameters_.clear();
     startup_parameters_.shrink_to_fit();
     runtime_.server_connections.fetch_add(1, std::memory_order_relaxed);
+    metrics.server_connections.inc();
+    runtime_.sessions().add(id_, self);
     End why = co_await relay();
+    runtime_.sessions().remove(id_);
     runtime_.server_connections.fetch_sub(1, std::memory_order_relaxed);
+    metrics.server_connections.dec();
     set_state(SessionState::kClosing);
     const char* reason = "client_closed";
     switch (why) {
@@ -193,6 +238,7 @@ awaitable<void> ClientSession::run() {
         case End::kServerClosed: reason = "server_closed"; break;
         case End::kClientProtocolError:
             reason = "client_protocol_violation";
+            metrics.protocol_errors.inc();
             co_await send_fatal("08P01", "pgwarden: protocol violation",
                                 "The client sent a malformed or unexpected message.");
             break;
@@ -223,6 +269,7 @@ awaitable<std::optional<wire::StartupPacket>> ClientSession::read_startup_packet
     if (length < wire::kMinStartupPacketLength || length > wire::kMaxStartupPacketLength) {
         log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
                                          {"reason", "invalid startup packet length"}});
+        metrics::proxy_metrics().protocol_errors.inc();
         co_await send_fatal("08P01", "pgwarden: protocol violation", "invalid length of startup packet");
         co_return std::nullopt;
     }
@@ -234,6 +281,7 @@ awaitable<std::optional<wire::StartupPacket>> ClientSession::read_startup_packet
     if (!parsed) {
         log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
                                          {"reason", "malformed startup packet"}});
+        metrics::proxy_metrics().protocol_errors.inc();
         co_await send_fatal("08P01", "pgwarden: protocol violation", "malformed startup packet");
     }
     co_return parsed;
@@ -319,6 +367,7 @@ awaitable<bool> ClientSession::startup() {
     if (!connected) {
         log::error("upstream_connect_failed", {{"session", std::to_string(id_)}, {"upstream", up.to_string()},
                                                 {"error", error}});
+        metrics::proxy_metrics().upstream_connect_errors.inc();
         co_await send_fatal("08006", "pgwarden: cannot connect to upstream " + up.to_string(), error);
         co_return false;
     }
@@ -407,6 +456,7 @@ awaitable<bool> ClientSession::authenticate() {
         if (ec) co_return false;
         if (type == wire::be::kErrorResponse) {
             log::info("authentication_failed", {{"session", session}, {"address", peer_address_}, {"user", user_}});
+            metrics::proxy_metrics().auth_failures.inc();
             co_return false;
         }
         if (type == wire::be::kReadyForQuery) {
@@ -437,6 +487,7 @@ awaitable<void> ClientSession::handle_cancel(const wire::StartupPacket& packet) 
     if (!target) {
         // PostgreSQL says nothing to the sender either way; neither do we.
         log::warn("cancel_unknown_key", {{"address", peer_address_}, {"server_pid", pid}});
+        metrics::proxy_metrics().cancel_requests.labels({"unknown_key"}).inc();
         co_return;
     }
     ServerConnection connection(co_await asio::this_coro::executor);
@@ -447,6 +498,7 @@ awaitable<void> ClientSession::handle_cancel(const wire::StartupPacket& packet) 
     if (!co_await connection.connect(up, mode, runtime_.upstream_tls(), config_->upstream_tls.server_name,
                                      config_->proxy.connect_timeout, error)) {
         log::error("cancel_failed", {{"server_pid", pid}, {"error", error}});
+        metrics::proxy_metrics().cancel_requests.labels({"upstream_error"}).inc();
         co_return;
     }
     std::string request;
@@ -460,6 +512,7 @@ awaitable<void> ClientSession::handle_cancel(const wire::StartupPacket& packet) 
     if (!ec) co_await connection.stream().read_some(asio::buffer(&byte, 1), ec);
     connection.stream().close();
     log::info("cancel_forwarded", {{"address", peer_address_}, {"server_pid", pid}});
+    metrics::proxy_metrics().cancel_requests.labels({"forwarded"}).inc();
 }
 
 awaitable<ClientSession::End> ClientSession::relay() {
@@ -499,6 +552,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
     std::size_t streaming = 0;        // bytes of a CopyData still to forward as they arrive
     const std::size_t max_length = config_->proxy.max_message_bytes;
     Interceptor& interceptor = *interceptor_;
+    metrics::Counter& bytes_up = metrics::proxy_metrics().bytes_in(metrics::ByteDirection::kClientToServer);
     error_code ec;
 
     // Sends what has been decided so far: first what pgwarden answers itself (nothing
@@ -510,6 +564,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             if (ec) co_return false;
         }
         if (!out.empty()) {
+            bytes_up.inc(double(asio::buffer_size(out)));
             co_await server.write(out, ec);
             out.clear();
             if (ec) co_return false;
@@ -607,6 +662,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
     std::deque<std::string> scratch;
     std::size_t streaming = 0;
     Interceptor& interceptor = *interceptor_;
+    metrics::Counter& bytes_down = metrics::proxy_metrics().bytes_in(metrics::ByteDirection::kServerToClient);
     // Server messages are only bound by PostgreSQL's own limit: a huge DataRow is
     // streamed through, never buffered whole.
     for (;;) {
@@ -682,6 +738,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             consumed += header.total_size();
         }
         if (!out.empty()) {
+            bytes_down.inc(double(asio::buffer_size(out)));
             co_await write_client(out, ec);
             out.clear();
             scratch.clear();

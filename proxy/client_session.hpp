@@ -9,6 +9,8 @@
 #include <optional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "proxy/asio.hpp"
 #include "proxy/async_mutex.hpp"
 #include "proxy/interceptor.hpp"
@@ -42,6 +44,11 @@ public:
     awaitable<void> run();
 
     std::uint64_t id() const { return id_; }
+    asio::any_io_executor executor() { return client_.socket().get_executor(); }
+    // A JSON description for GET /api/clients; call on the session's thread.
+    nlohmann::json describe() const;
+    // Dooms the current transaction (POST /api/clients/{id}/doom); "" on success, else why not.
+    std::string doom(const std::string& reason);
 
 private:
     // Result of a relay loop: why it ended.
@@ -87,6 +94,7 @@ private:
     std::unique_ptr<Interceptor> interceptor_;
     AsyncMutex client_write_;  // both relay loops write to the client
     std::chrono::steady_clock::time_point started_;
+    std::chrono::steady_clock::time_point transaction_started_{};  // when the current block began
 };
 
 // Starts a session on the socket's executor; it owns itself until it ends.

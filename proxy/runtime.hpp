@@ -12,6 +12,7 @@
 #include "policy/rules.hpp"
 #include "proxy/asio.hpp"
 #include "proxy/cancel_registry.hpp"
+#include "proxy/session_directory.hpp"
 
 namespace pgwarden::proxy {
 
@@ -37,6 +38,7 @@ public:
     asio::ssl::context* upstream_tls() const { return upstream_tls_.get(); }
 
     CancelRegistry& cancels() { return cancels_; }
+    SessionDirectory& sessions() { return sessions_; }
 
     std::uint64_t next_session_id() { return next_session_id_.fetch_add(1, std::memory_order_relaxed); }
 
@@ -52,6 +54,7 @@ private:
     std::unique_ptr<asio::ssl::context> client_tls_;
     std::unique_ptr<asio::ssl::context> upstream_tls_;
     CancelRegistry cancels_;
+    SessionDirectory sessions_;
     std::atomic<std::uint64_t> next_session_id_{1};
 };
 

@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <functional>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
+#include <nlohmann/json.hpp>
 
 #include "policy/classifier.hpp"
 
@@ -41,10 +41,8 @@ std::vector<Category> make_workload() {
         return std::uniform_int_distribution<int>(low, high)(random);
     };
     std::vector<Category> categories = {
-        {"BEGIN", {}},           {"END", {}},
-        {"select by key", {}},   {"update", {}},
-        {"insert", {}},          {"join", {}},
-        {"tagged select", {}},
+        {"BEGIN", {}},  {"END", {}},  {"select by key", {}}, {"update", {}},
+        {"insert", {}}, {"join", {}}, {"tagged select", {}},
     };
     for (int i = 0; i < kDistinctPerCategory; ++i) {
         const int aid = pick(1, 10'000'000), bid = pick(1, 100), tid = pick(1, 1000);
@@ -77,7 +75,8 @@ std::vector<Category> make_workload() {
 std::vector<const std::string*> make_mix(const std::vector<Category>& categories) {
     std::vector<const std::string*> mix;
     for (int i = 0; i < kDistinctPerCategory; ++i) {
-        for (const int c : {0, 3, 2, 3, 3, 4, 1}) mix.push_back(&categories[c].texts[i]);
+        for (const int c : {0, 3, 2, 3, 3, 4, 1})
+            mix.push_back(&categories[c].texts[i]);
         if (i % 4 == 0) mix.push_back(&categories[5].texts[i]);
         if (i % 4 == 1) mix.push_back(&categories[6].texts[i]);
     }
@@ -124,7 +123,8 @@ int main() {
         std::printf("  %-32s %12.0f\n", category.name, ns);
     }
     const double uncached_mix = best_ns_per_call(mix.size(), [&] {
-        for (const std::string* text : mix) sink += uncached.classify(*text)->statements.size();
+        for (const std::string* text : mix)
+            sink += uncached.classify(*text)->statements.size();
     });
     std::printf("  %-32s %12.0f\n", "OLTP mix", uncached_mix);
 
@@ -140,12 +140,15 @@ int main() {
     // Prepared-statement style: a small set of texts seen again and again.
     std::vector<const std::string*> repeated;
     for (int i = 0; i < 200; ++i) {
-        for (std::size_t c = 0; c < 7; ++c) repeated.push_back(&categories[c].texts[i % 50]);
+        for (std::size_t c = 0; c < 7; ++c)
+            repeated.push_back(&categories[c].texts[i % 50]);
     }
     Classifier cached{ClassifyConfig{}};
-    for (const std::string* text : repeated) cached.classify(*text);
+    for (const std::string* text : repeated)
+        cached.classify(*text);
     const double hit = best_ns_per_call(repeated.size(), [&] {
-        for (const std::string* text : repeated) sink += cached.classify(*text)->statements.size();
+        for (const std::string* text : repeated)
+            sink += cached.classify(*text)->statements.size();
     });
     std::printf("%-34s %12.0f   (hit rate %.3f)\n", "cache hits", hit,
                 static_cast<double>(cached.cache_hits()) /

@@ -180,6 +180,16 @@ class Target:
     def fd_count(self) -> int | None:
         return None if self.pid is None else len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def fd_listing(self) -> list[str]:
+        """What each open fd is (socket:[inode], pipe, file), for failure messages."""
+        if self.pid is None:
+            return []
+        listing = []
+        for fd in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int):
+            with contextlib.suppress(OSError):
+                listing.append(f"{fd} -> {os.readlink(f'/proc/{self.pid}/fd/{fd}')}")
+        return listing
+
 
 class PostgresServer(Target):
     """PostgreSQL 15 in a temp dir: trust for postgres, scram/md5 roles, TLS on, 200 connections."""

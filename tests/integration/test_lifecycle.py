@@ -29,7 +29,10 @@ def assert_back_to(pg_server, proxy, baseline: tuple[int, int | None]) -> None:
     backends, fds = baseline
     harness.wait_until(lambda: pg_server.client_backends() <= backends, 10, "server sessions back to baseline")
     if fds is not None:
-        harness.wait_until(lambda: proxy.fd_count() <= fds, 10, f"pgwarden fds back to {fds}")
+        try:
+            harness.wait_until(lambda: proxy.fd_count() <= fds, 10, f"pgwarden fds back to {fds}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nopen fds:\n" + "\n".join(proxy.fd_listing())) from None
     assert proxy.pid is None or proxy.alive()
 
 

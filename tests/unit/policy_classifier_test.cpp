@@ -27,6 +27,8 @@ struct Case {
 
 // One statement each; `tables` is checked exactly.
 const std::vector<Case>& corpus() {
+    // One case a line reads better than clang-format's layout.
+    // clang-format off
     static const std::vector<Case> cases = {
         // Reads.
         {"SELECT 1", K::kSelect, false},
@@ -39,20 +41,18 @@ const std::vector<Case>& corpus() {
         {"WITH c AS (SELECT * FROM base) SELECT * FROM c JOIN other ON true", K::kSelect, false,
          {"base", "other"}},
         {"WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
-         "SELECT * FROM r",
-         K::kSelect, false},
+         "SELECT * FROM r", K::kSelect, false},
         // SELECT ... INTO creates a table.
         {"SELECT * INTO newtab FROM t", K::kSelect, true, {"newtab", "t"}},
         {"SELECT 1 AS a INTO TEMP t2 UNION SELECT 2", K::kSelect, true, {"t2"}},
         // Data-modifying WITH, at any depth.
         {"WITH d AS (DELETE FROM q RETURNING *) SELECT * FROM d", K::kSelect, true, {"q"}},
         {"WITH a AS (WITH b AS (INSERT INTO t VALUES (1) RETURNING id) SELECT * FROM b) "
-         "SELECT * FROM a",
-         K::kSelect, true, {"t"}},
+         "SELECT * FROM a", K::kSelect, true, {"t"}},
         {"SELECT * FROM (WITH x AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM x) s",
          K::kSelect, true, {"t"}},
-        {"INSERT INTO log WITH d AS (DELETE FROM q RETURNING *) SELECT * FROM d", K::kInsert,
-         true, {"log", "q"}},
+        {"INSERT INTO log WITH d AS (DELETE FROM q RETURNING *) SELECT * FROM d", K::kInsert, true,
+         {"log", "q"}},
         // Write functions, wherever they are called.
         {"SELECT nextval('seq')", K::kSelect, true},
         {"SELECT pg_catalog.nextval('seq')", K::kSelect, true},
@@ -70,8 +70,7 @@ const std::vector<Case>& corpus() {
         {"UPDATE t SET a = a + 1 WHERE id = 2", K::kUpdate, true, {"t"}},
         {"DELETE FROM t USING u WHERE t.id = u.id", K::kDelete, true, {"t", "u"}},
         {"MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = s.v "
-         "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)",
-         K::kMerge, true, {"t", "s"}},
+         "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)", K::kMerge, true, {"t", "s"}},
         // COPY.
         {"COPY t FROM STDIN", K::kCopyIn, true, {"t"}},
         {"COPY s.t (a, b) FROM '/tmp/x.csv' WITH (FORMAT csv)", K::kCopyIn, true, {"s.t"}},
@@ -92,8 +91,7 @@ const std::vector<Case>& corpus() {
         {"CREATE MATERIALIZED VIEW mv AS SELECT 1", K::kDdl, true, {"mv"}},
         {"REFRESH MATERIALIZED VIEW mv", K::kDdl, true, {"mv"}},
         {"CREATE VIEW v AS SELECT * FROM t", K::kDdl, true, {"v", "t"}},
-        {"CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; SELECT 2 $$", K::kDdl,
-         true},
+        {"CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; SELECT 2 $$", K::kDdl, true},
         {"CREATE SCHEMA app", K::kDdl, true},
         {"CREATE ROLE bob LOGIN", K::kDdl, true},
         {"ALTER SYSTEM SET work_mem = '64MB'", K::kDdl, true},
@@ -135,8 +133,8 @@ const std::vector<Case>& corpus() {
         {"EXPLAIN (ANALYZE off) DELETE FROM t", K::kExplain, false, {"t"}},
         {"EXPLAIN (ANALYZE 0) DELETE FROM t", K::kExplain, false, {"t"}},
         {"EXPLAIN ANALYZE SELECT nextval('s')", K::kExplain, true},
-        {"EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d", K::kExplain,
-         true, {"t"}},
+        {"EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d", K::kExplain, true,
+         {"t"}},
         {"EXPLAIN ANALYZE SELECT * INTO t2 FROM t", K::kExplain, true, {"t2", "t"}},
         {"EXPLAIN ANALYZE EXECUTE p(1)", K::kExplain, true},
         {"EXPLAIN EXECUTE p(1)", K::kExplain, false},
@@ -171,6 +169,7 @@ const std::vector<Case>& corpus() {
         {"SELECT 'unterminated", K::kOther, true},
         {"MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE RETURNING *", K::kOther, true},
     };
+    // clang-format on
     return cases;
 }
 
@@ -208,7 +207,8 @@ TEST_CASE("classifier: every statement of the corpus gets its kind, write flag a
 
 TEST_CASE("classifier: the corpus covers every statement kind", "[classifier]") {
     std::set<StatementKind> seen;
-    for (const Case& c : corpus()) seen.insert(c.kind);
+    for (const Case& c : corpus())
+        seen.insert(c.kind);
     CHECK(seen.size() == pgwarden::policy::kStatementKindCount);
 }
 
@@ -227,9 +227,9 @@ TEST_CASE("classifier: kind names are the spec's and round-trip", "[classifier]"
     CHECK_FALSE(statement_kind_from_string("SELECT").has_value());
 
     using pgwarden::policy::is_write_kind;
-    const std::set<StatementKind> writes = {K::kInsert, K::kUpdate, K::kDelete,
-                                            K::kMerge,  K::kCopyIn, K::kDdl,
-                                            K::kTruncate, K::kCall, K::kDo};
+    const std::set<StatementKind> writes = {K::kInsert,   K::kUpdate, K::kDelete,
+                                            K::kMerge,    K::kCopyIn, K::kDdl,
+                                            K::kTruncate, K::kCall,   K::kDo};
     for (std::size_t i = 0; i < pgwarden::policy::kStatementKindCount; ++i) {
         const auto kind = static_cast<StatementKind>(i);
         INFO(to_string(kind));
@@ -279,8 +279,8 @@ TEST_CASE("classifier: splits statements where the server does", "[classifier]")
         CHECK(result->statements[0].kind == K::kDdl);
     }
     SECTION("empty and comment-only texts have no statements") {
-        for (const char* sql : {"", "   ", "-- only a comment", " /* a */ -- b\n /* c /* d */ */",
-                                ";", ";;  ;"}) {
+        for (const char* sql :
+             {"", "   ", "-- only a comment", " /* a */ -- b\n /* c /* d */ */", ";", ";;  ;"}) {
             INFO(sql);
             const auto result = classify(sql);
             CHECK(result->statements.empty());
@@ -407,7 +407,8 @@ TEST_CASE("classifier: SET, RESET and DISCARD", "[classifier]") {
 }
 
 TEST_CASE("classifier: PREPARE, EXECUTE and DEALLOCATE", "[classifier]") {
-    const StatementInfo& prepare = only(classify("PREPARE ins(int) AS INSERT INTO s.t VALUES ($1)"));
+    const StatementInfo& prepare =
+        only(classify("PREPARE ins(int) AS INSERT INTO s.t VALUES ($1)"));
     CHECK(prepare.kind == K::kInsert);
     CHECK(prepare.is_write);
     CHECK(prepare.prepare_name == "ins");
@@ -454,10 +455,10 @@ TEST_CASE("classifier: tables are schema-qualified as written and listed once", 
           Tables{"s.a", "b", "Mixed.Case"});
     CHECK(only(classify("SELECT * FROM db.s.t")).tables == Tables{"s.t"});
     // pg_query's JSON escapes some characters; names come back as written.
-    CHECK(only(classify("SELECT * FROM \"a>b\", \"q\"\"uote\", \"back\\slash\", \"t\u00e4\"")).tables ==
+    CHECK(only(classify(R"(SELECT * FROM "a>b", "q""uote", "back\slash", "tä")")).tables ==
           Tables{"a>b", "q\"uote", "back\\slash", "t\u00e4"});
-    CHECK(only(classify("INSERT INTO t1 SELECT * FROM t2 WHERE x IN (SELECT y FROM t3)"))
-              .tables == Tables{"t1", "t2", "t3"});
+    CHECK(only(classify("INSERT INTO t1 SELECT * FROM t2 WHERE x IN (SELECT y FROM t3)")).tables ==
+          Tables{"t1", "t2", "t3"});
     // Text order, not the order of the parse tree's fields (WITH comes last there).
     CHECK(only(classify("WITH c AS (SELECT * FROM first) SELECT * FROM second, c")).tables ==
           Tables{"first", "second"});
@@ -599,7 +600,8 @@ TEST_CASE("classifier: the cache returns shared results and stays bounded", "[cl
     }
     SECTION("cached and fresh results agree") {
         Classifier cached{ClassifyConfig{}};
-        for (const Case& c : corpus()) cached.classify(c.sql);
+        for (const Case& c : corpus())
+            cached.classify(c.sql);
         for (const Case& c : corpus()) {
             INFO(c.sql);
             const auto again = cached.classify(c.sql);
@@ -625,8 +627,7 @@ TEST_CASE("classifier: one classifier per thread, at the same time", "[classifie
             for (int round = 0; round < kRounds; ++round) {
                 for (const Case& c : corpus()) {
                     const auto result = classifier.classify(c.sql);
-                    if (result->statements.size() != 1 ||
-                        result->statements[0].kind != c.kind ||
+                    if (result->statements.size() != 1 || result->statements[0].kind != c.kind ||
                         result->statements[0].is_write != c.write ||
                         result->statements[0].tables != c.tables) {
                         ++mismatches[t];
@@ -635,7 +636,8 @@ TEST_CASE("classifier: one classifier per thread, at the same time", "[classifie
             }
         });
     }
-    for (auto& thread : threads) thread.join();
+    for (auto& thread : threads)
+        thread.join();
     CHECK(mismatches[0] == 0);
     CHECK(mismatches[1] == 0);
 }
