@@ -699,7 +699,9 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
         info.is_write = false;
     } else if (type == "DiscardStmt"sv) {
         info.kind = StatementKind::kSet;
+        // DISCARD ALL includes RESET ALL and DEALLOCATE ALL.
         info.reset_all = tree_.string_member(body, "target") == "DISCARD_ALL";
+        info.deallocate_all = info.reset_all;
         info.is_write = false;
     } else if (type == "CopyStmt"sv) {
         info.kind =

@@ -64,15 +64,16 @@ std::vector<std::pair<std::string, std::string>> parse_startup_options(std::stri
 
 ClientIdentity::ClientIdentity(const std::vector<std::pair<std::string, std::string>>& startup, std::string address)
     : address_(std::move(address)) {
+    // The server applies `options` first and the other parameters after it, wherever
+    // `options` stands in the packet (process_startup_options), so those win.
+    for (const auto& [name, value] : startup)
+        if (name == "options")
+            for (auto& [k, v] : parse_startup_options(value)) defaults_[k] = v;
     for (const auto& [name, value] : startup) {
         if (name == "user") user_ = value;
         else if (name == "database") database_ = value;
         else if (name == "application_name") application_name_ = value;
-        if (name == "options") {
-            for (auto& [k, v] : parse_startup_options(value)) defaults_[k] = v;
-        } else if (!is_protocol_parameter(name)) {
-            defaults_[lower(name)] = value;
-        }
+        if (!is_protocol_parameter(name)) defaults_[lower(name)] = value;
     }
     if (database_.empty()) database_ = user_;
 }

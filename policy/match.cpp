@@ -33,13 +33,12 @@ std::optional<Cidr> Cidr::parse(std::string_view text) {
     std::string addr(text);
     int prefix = -1;
     if (auto slash = addr.find('/'); slash != std::string::npos) {
-        try {
-            std::size_t used = 0;
-            prefix = std::stoi(addr.substr(slash + 1), &used);
-            if (used != addr.size() - slash - 1) return std::nullopt;
-        } catch (...) {
+        // Digits only: stoi would also take " 8", "+8" and "-1" (which meant /32 here).
+        std::string_view digits = std::string_view(addr).substr(slash + 1);
+        if (digits.empty() || digits.size() > 3 ||
+            digits.find_first_not_of("0123456789") != std::string_view::npos)
             return std::nullopt;
-        }
+        prefix = std::stoi(std::string(digits));
         addr.resize(slash);
     }
     if (inet_pton(AF_INET, addr.c_str(), c.bytes_.data()) == 1) {
@@ -58,7 +57,8 @@ std::optional<Cidr> Cidr::parse(std::string_view text) {
 
 bool Cidr::contains(std::string_view address) const {
     std::array<std::uint8_t, 16> bytes{};
-    std::string a(address);
+    // Link-local peers come with a zone ("fe80::1%eth0"); like pg_hba, compare the address only.
+    std::string a(address.substr(0, address.find('%')));
     bool v6;
     if (inet_pton(AF_INET, a.c_str(), bytes.data()) == 1) {
         v6 = false;

@@ -48,6 +48,24 @@ struct RuleHit {
     RuleAction action;
 };
 
+// Capacity a policy set aside for a statement it delayed. If the statement will never be
+// forwarded (the client went away while it waited), release() gives the capacity back
+// at once, for the statements that arrive next. Releasing twice does nothing.
+class Reservation {
+public:
+    virtual ~Reservation() = default;
+    virtual void release() = 0;
+};
+
+// A throttle decision to count: pgwarden_throttle_rejected_total{rule,client}, or
+// pgwarden_throttle_delayed_total{rule,client} and pgwarden_throttle_delay_seconds{rule}.
+struct ThrottleEvent {
+    std::string rule;
+    std::string client;
+    bool rejected = false;
+    Clock::duration delay{};  // delayed: how long this rule holds the statement back
+};
+
 struct Verdict {
     enum class Action : std::uint8_t { kAllow, kReject, kRewrite };
     Action action = Action::kAllow;
@@ -60,6 +78,8 @@ struct Verdict {
     std::string rule;                // which rule, if any
     std::vector<RuleHit> hits;       // every rule that matched
     std::optional<std::string> doom_reason;  // doom the current transaction ("rule", ...)
+    std::vector<std::shared_ptr<Reservation>> reservations;  // release if never forwarded
+    std::vector<ThrottleEvent> throttle_events;              // for metrics
 
     static Verdict allow() { return {}; }
     bool rejects() const { return action == Action::kReject; }

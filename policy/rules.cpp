@@ -33,7 +33,7 @@ Verdict RulePolicy::before(const StatementContext& context) {
                 }
                 break;
             case RuleAction::kNotice:
-                verdict.notices.push_back(Message{"01000", message, "", ""});
+                verdict.notices.push_back(Message{"00000", message, "", ""});  // as RAISE NOTICE sends
                 break;
             case RuleAction::kLog:
                 break;

@@ -100,8 +100,47 @@ void ClientSession::set_state(SessionState state) {
 }
 
 std::string ClientSession::doom(const std::string& reason) {
-    (void)reason;
-    return "dooming transactions is not available yet";
+    if (!interceptor_) return "the client is not logged in yet";
+    return interceptor_->doom(reason);
+}
+
+void ClientSession::note_client_activity() {
+    ++client_activity_;
+    if (idle_timer_) idle_timer_->cancel();
+}
+
+void ClientSession::arm_idle_timer() {
+    auto timeout = config_->transactions.idle_timeout;
+    if (timeout.count() <= 0 || !interceptor_ || !interceptor_->idle_in_transaction()) return;
+    if (!idle_timer_) idle_timer_ = std::make_unique<asio::steady_timer>(client_.socket().get_executor());
+    idle_timer_->expires_after(timeout);
+    std::weak_ptr<ClientSession> weak = shared_from_this();
+    std::uint64_t activity = client_activity_;
+    idle_timer_->async_wait([weak, activity](const error_code& ec) {
+        auto self = weak.lock();
+        if (ec || !self || self->client_activity_ != activity) return;
+        asio::co_spawn(self->executor(), self->roll_back_idle_transaction(activity), asio::detached);
+    });
+}
+
+awaitable<void> ClientSession::roll_back_idle_transaction(std::uint64_t activity) {
+    auto self = shared_from_this();
+    if (client_activity_ != activity || !interceptor_->idle_in_transaction()) co_return;
+    auto timeout = config_->transactions.idle_timeout;
+    std::string after = std::to_string(timeout.count() % 1000 == 0 ? timeout.count() / 1000 : timeout.count()) +
+                        (timeout.count() % 1000 == 0 ? "s" : "ms");
+    auto age = std::chrono::duration<double>(std::chrono::steady_clock::now() - transaction_started_).count();
+    std::string rollback = interceptor_->roll_back_for_idle(after);
+    auto& m = metrics::proxy_metrics();
+    m.idle_transaction_rollbacks.inc();
+    m.transaction(metrics::TransactionOutcome::kIdleRollback).inc();
+    log::warn("idle_transaction_rolled_back", {{"session", std::to_string(id_)}, {"user", user_},
+                                               {"client", interceptor_->identity().resolve(config_->identity, nullptr)},
+                                               {"idle_timeout", after}, {"transaction_seconds", std::to_string(age)}});
+    error_code ec;
+    if (!server_write_.try_lock()) co_await server_write_.lock();
+    co_await server_->stream().write(asio::buffer(rollback), ec);
+    server_write_.unlock();
 }
 
 nlohmann::json ClientSession::describe() const {
@@ -113,8 +152,11 @@ nlohmann::json ClientSession::describe() const {
     j["application_name"] = interceptor_ ? interceptor_->identity().application_name() : application_name_;
     j["client"] = interceptor_ ? interceptor_->identity().resolve(config_->identity, nullptr) : std::string();
     j["state"] = interceptor_ && interceptor_->in_flight() > 0 ? "active" : to_string(state_);
-    j["nesting_depth"] = 0;
-    j["doomed_reason"] = nullptr;
+    j["nesting_depth"] = interceptor_ ? interceptor_->transaction().depth() : 0;
+    if (interceptor_ && interceptor_->transaction().doom_reason())
+        j["doomed_reason"] = *interceptor_->transaction().doom_reason();
+    else
+        j["doomed_reason"] = nullptr;
     bool in_block = state_ == SessionState::kInTransaction || state_ == SessionState::kFailedTransaction;
     if (in_block)
         j["transaction_age_seconds"] =
@@ -562,10 +604,13 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             std::string bytes = interceptor.take_immediate_output();
             co_await write_client(asio::buffer(bytes), ec);
             if (ec) co_return false;
+            arm_idle_timer();
         }
         if (!out.empty()) {
             bytes_up.inc(double(asio::buffer_size(out)));
+            if (!server_write_.try_lock()) co_await server_write_.lock();
             co_await server.write(out, ec);
+            server_write_.unlock();
             out.clear();
             if (ec) co_return false;
         }
@@ -589,6 +634,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec);
         if (ec) co_return End::kClientClosed;
         client_buffer_.commit(n);
+        note_client_activity();
 
         std::string_view data = client_buffer_.data();
         std::size_t consumed = 0;
@@ -701,13 +747,17 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
                 co_return End::kServerProtocolError;
             }
             if (status == wire::FrameStatus::kPartial && server_message_needs_body(header.type)) break;
-            Interceptor::ServerStep step;
-            if (Interceptor::observes(header.type)) step = interceptor.on_server_message(header.type, rest.substr(0, header.total_size()));
-            if (header.type == wire::be::kReadyForQuery && rest.size() > wire::kHeaderSize) {
-                char status_byte = rest[wire::kHeaderSize];
-                set_state(status_byte == 'T'   ? SessionState::kInTransaction
-                          : status_byte == 'E' ? SessionState::kFailedTransaction
-                                               : SessionState::kIdle);
+            Interceptor::ResponseStep step;
+            if (Interceptor::observes(header.type))
+                step = interceptor.on_server_message(header.type, rest.substr(0, header.total_size()));
+            else if (interceptor.swallowing())
+                step.action = Interceptor::ResponseStep::Action::kDrop;
+            if (header.type == wire::be::kReadyForQuery) {
+                auto tx = interceptor.tx_state();
+                set_state(interceptor.transaction().rolled_back_for_idle() || tx == policy::TxState::kFailed
+                              ? SessionState::kFailedTransaction
+                          : tx == policy::TxState::kInBlock ? SessionState::kInTransaction
+                                                            : SessionState::kIdle);
             }
             if (status == wire::FrameStatus::kPartial) {
                 // Only types whose body nobody reads get here: stream them through.
@@ -721,14 +771,14 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
                 break;
             }
             switch (step.action) {
-                case Interceptor::ServerStep::Action::kRelay:
+                case Interceptor::ResponseStep::Action::kRelay:
                     out.emplace_back(rest.data(), header.total_size());
                     break;
-                case Interceptor::ServerStep::Action::kReplace:
+                case Interceptor::ResponseStep::Action::kReplace:
                     scratch.push_back(std::move(step.replacement));
                     out.emplace_back(scratch.back().data(), scratch.back().size());
                     break;
-                case Interceptor::ServerStep::Action::kDrop:
+                case Interceptor::ResponseStep::Action::kDrop:
                     break;
             }
             if (!step.emit_after.empty()) {
@@ -743,6 +793,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             out.clear();
             scratch.clear();
             if (ec) co_return End::kClientClosed;
+            arm_idle_timer();
         }
         sbuf.consume(consumed);
     }

@@ -77,6 +77,10 @@ private:
     awaitable<void> send_fatal(const std::string& sqlstate, const std::string& message,
                                const std::string& detail = {});
     void set_state(SessionState state);
+    // idle_timeout: armed whenever the client sits idle inside a transaction block.
+    void arm_idle_timer();
+    void note_client_activity();
+    awaitable<void> roll_back_idle_transaction(std::uint64_t activity);
     void close_all();
 
     Runtime& runtime_;
@@ -93,6 +97,9 @@ private:
     std::vector<std::pair<std::string, std::string>> startup_parameters_;
     std::unique_ptr<Interceptor> interceptor_;
     AsyncMutex client_write_;  // both relay loops write to the client
+    AsyncMutex server_write_;  // the client loop and the idle-timeout rollback write to the server
+    std::unique_ptr<asio::steady_timer> idle_timer_;
+    std::uint64_t client_activity_ = 0;  // bumped by every read from the client
     std::chrono::steady_clock::time_point started_;
     std::chrono::steady_clock::time_point transaction_started_{};  // when the current block began
 };

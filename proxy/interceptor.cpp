@@ -1,4 +1,4 @@
-// Statement interception: from client messages to verdicts to protocol actions, and
+// Statement interception: from client messages to decisions to protocol actions, and
 // from server responses back to the statements they answer.
 #include "proxy/interceptor.hpp"
 
@@ -11,6 +11,7 @@
 
 namespace pgwarden::proxy {
 
+using policy::ServerStep;
 using policy::StatementKind;
 using policy::TxState;
 
@@ -18,13 +19,17 @@ namespace {
 
 // The probes: names no application uses, so the server answers "does not exist"
 // (SQLSTATE 34000) and changes nothing else.
-constexpr std::string_view kProbeName = "pgwarden.rejected";
+constexpr std::string_view kProbePortal = "pgwarden.rejected";
 constexpr std::string_view kProbeSql = "FETCH ALL FROM \"pgwarden.rejected\"";
 constexpr std::string_view kProbeSqlstate = "34000";
+// pgwarden's own statements in the extended protocol run under this statement and
+// portal name, closed right after.
+constexpr std::string_view kInjectName = "pgwarden.injected";
+constexpr std::string_view kReadOnlySql = "SET TRANSACTION READ ONLY";
 
-std::string error_bytes(const policy::Message& m, const char* severity = "ERROR") {
+std::string error_bytes(const policy::Message& m) {
     std::string out;
-    wire::append_error_response(out, wire::Diagnostic{severity, m.sqlstate, m.message, m.detail, m.hint});
+    wire::append_error_response(out, wire::Diagnostic{"ERROR", m.sqlstate, m.message, m.detail, m.hint});
     return out;
 }
 
@@ -36,9 +41,13 @@ std::string notice_bytes(const policy::Message& m) {
 
 std::string_view body_of(std::string_view message) { return message.substr(wire::kHeaderSize); }
 
-policy::StatementInfo unknown_statement() {
-    policy::StatementInfo s;  // kind other, is_write true: fail closed
-    return s;
+const policy::StatementInfo& unknown_statement() {
+    static const policy::StatementInfo unknown;  // kind other, is_write true: fail closed
+    return unknown;
+}
+
+std::string too_large_detail(std::size_t size, std::uint64_t limit) {
+    return std::to_string(size) + " bytes exceed max_statement_bytes (" + std::to_string(limit) + ")";
 }
 
 }  // namespace
@@ -71,9 +80,49 @@ bool Interceptor::observes(char type) {
     }
 }
 
+char Interceptor::client_status() const {
+    if (tracker_.rolled_back_for_idle()) return 'E';
+    switch (tracker_.state()) {
+        case TxState::kInBlock: return 'T';
+        case TxState::kFailed: return 'E';
+        case TxState::kIdle: return 'I';
+    }
+    return 'I';
+}
+
+bool Interceptor::idle_in_transaction() const {
+    return queue_.empty() && !tracker_.rolled_back_for_idle() && tracker_.state() != TxState::kIdle;
+}
+
+std::string Interceptor::roll_back_for_idle(const std::string& after) {
+    Pending entry;
+    entry.kind = Pending::Kind::kQuery;
+    entry.swallow = true;
+    push(std::move(entry));
+    tracker_.rolled_back_for_idle(after);
+    identity_.rollback_transaction();
+    std::string out;
+    wire::append_query(out, "ROLLBACK");
+    return out;
+}
+
+std::string Interceptor::doom(const std::string& reason) {
+    if (!tracker_.doom(reason)) return "the client is not in a transaction";
+    metrics::proxy_metrics().doomed_transactions.labels({"admin"}).inc();
+    log::warn("transaction_doomed", {{"session", std::to_string(session_id_)}, {"reason", "admin"},
+                                     {"detail", reason}, {"transaction", log::truncate_statement(tracker_.outer_begin_statement())}});
+    return {};
+}
+
 // ---- client side ------------------------------------------------------------------------
 
 Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_view message) {
+    if (skip_until_sync_) {
+        // pgwarden reported an error in this batch without the server: like the server,
+        // ignore everything up to Sync.
+        if (type != wire::fe::kSync) return {ClientStep::Action::kDrop, {}, {}};
+        skip_until_sync_ = false;
+    }
     switch (type) {
         case wire::fe::kQuery: {
             auto q = wire::parse_query(body_of(message));
@@ -115,70 +164,132 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
     entry.kind = Pending::Kind::kQuery;
     entry.sent = policy::Clock::now();
     ClientStep step;
+    std::string text;            // what the server gets, when it differs from `sql`
+    bool rewritten = false;
+    bool stopped = false;        // a failure ends the batch: nothing after it runs
 
     if (sql.size() > config_->proxy.max_statement_bytes) {
         Plan plan;
-        plan.mode = Plan::Mode::kProbe;
-        plan.probe_error = error_bytes({"54000", "pgwarden: statement too large",
-                                        std::to_string(sql.size()) + " bytes exceed max_statement_bytes (" +
-                                            std::to_string(config_->proxy.max_statement_bytes) + ")",
-                                        ""});
-        entry.plans.push_back(std::move(plan));
+        plan.mode = tracker_.rolled_back_for_idle() ? Plan::Mode::kError : Plan::Mode::kProbe;
+        plan.error = error_bytes({"54000", "pgwarden: statement too large",
+                                  too_large_detail(sql.size(), config_->proxy.max_statement_bytes), ""});
         log::warn("statement_rejected", {{"session", std::to_string(session_id_)}, {"reason", "statement_too_large"},
                                          {"bytes", std::to_string(sql.size())}});
-        if (tx_ == TxState::kInBlock) tx_ = TxState::kFailed;
-        step.action = ClientStep::Action::kReplace;
-        wire::append_query(step.replacement, kProbeSql);
+        tracker_.on_error();
+        entry.plans.push_back(std::move(plan));
+        if (entry.plans.back().mode == Plan::Mode::kProbe) {
+            step.action = ClientStep::Action::kReplace;
+            wire::append_query(step.replacement, kProbeSql);
+        } else {
+            entry.kind = Pending::Kind::kSynthetic;
+            entry.synthetic = entry.plans.back().error;
+            wire::append_ready_for_query(entry.synthetic, client_status());
+            step.action = ClientStep::Action::kDrop;
+        }
         push(std::move(entry));
         return step;
     }
 
     auto classification = runtime_.classifier().classify(sql);
     const auto& statements = classification->statements;
-    const TxState tx_at_start = tx_;
+    const TxState tx_at_start = tracker_.state();
     bool has_set = false;
     for (const auto& s : statements) has_set = has_set || s.kind == StatementKind::kSet;
     if (has_set && tx_at_start == TxState::kIdle) identity_at_query_start_ = identity_;
+    bool server_work = false;
 
-    std::optional<std::size_t> rejected;
-    for (std::size_t i = 0; i < statements.size(); ++i) {
+    for (std::size_t i = 0; i < statements.size() && !stopped; ++i) {
         const auto& statement = statements[i];
-        std::string_view text = sql.substr(std::min<std::size_t>(statement.location, sql.size()), statement.length);
-        Plan plan;
-        plan.kind = statement.kind;
-        policy::Verdict verdict = decide(statement, text, false);
-        for (const auto& n : verdict.notices) plan.before += notice_bytes(n);
-        if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until))
-            step.delay_until = verdict.delay_until;
-        if (verdict.rejects()) {
-            plan.mode = Plan::Mode::kProbe;
-            plan.probe_error = error_bytes(verdict.error);
+        std::size_t begin = std::min<std::size_t>(statement.location, sql.size());
+        std::size_t length = statement.length == 0 ? sql.size() - begin : statement.length;
+        std::string_view original = sql.substr(begin, length);
+        Decision decision = decide(statement, original, false);
+        if (decision.delay_until && (!step.delay_until || *decision.delay_until > *step.delay_until))
+            step.delay_until = decision.delay_until;
+
+        if (decision.steps.empty() && !rewritten) {
+            Plan plan;
+            plan.kind = statement.kind;
+            plan.before = std::move(decision.notices);
             entry.plans.push_back(std::move(plan));
-            rejected = i;
-            break;
+            server_work = true;
+            continue;
         }
-        entry.plans.push_back(std::move(plan));
+        if (!rewritten) {
+            // Statements before this one go as the client wrote them (error positions
+            // in them stay right); from here on the text is rebuilt.
+            text.assign(sql.substr(0, begin));
+            rewritten = true;
+        }
+        if (decision.steps.empty()) decision.steps.push_back(ServerStep{});
+        bool first = true;
+        for (auto& s : decision.steps) {
+            Plan plan;
+            plan.kind = statement.kind;
+            if (first) plan.before = std::move(decision.notices);
+            first = false;
+            auto add_sql = [&](std::string_view piece) {
+                if (!text.empty() && text.back() != ';') text += ";\n";
+                text.append(piece);
+                server_work = true;
+            };
+            switch (s.type) {
+                case ServerStep::Type::kOriginal:
+                    add_sql(original);
+                    plan.tag = s.tag;
+                    break;
+                case ServerStep::Type::kSql:
+                    add_sql(s.sql);
+                    plan.tag = s.tag;
+                    plan.hidden = s.hidden;
+                    break;
+                case ServerStep::Type::kSynthetic:
+                    plan.mode = Plan::Mode::kSynthetic;
+                    plan.tag = s.tag;
+                    break;
+                case ServerStep::Type::kProbe:
+                    add_sql(kProbeSql);
+                    plan.mode = Plan::Mode::kProbe;
+                    plan.error = error_bytes(s.error);
+                    stopped = true;
+                    break;
+                case ServerStep::Type::kError:
+                    plan.mode = Plan::Mode::kError;
+                    plan.error = error_bytes(s.error);
+                    stopped = true;
+                    break;
+            }
+            entry.plans.push_back(std::move(plan));
+            if (stopped) break;
+        }
     }
 
-    if (rejected) {
-        // Everything before the rejected statement runs as sent; the probe stands in for
-        // it, and what came after it is never executed (as after any error).
-        std::size_t cut = std::min<std::size_t>(statements[*rejected].location, sql.size());
-        std::string text(sql.substr(0, cut));
-        if (*rejected > 0) text += "\n";
-        text += kProbeSql;
-        step.action = ClientStep::Action::kReplace;
-        wire::append_query(step.replacement, text);
-        // The error ends the statement batch: a block is aborted, an implicit
-        // transaction is rolled back with every SET it made.
-        if (tx_at_start == TxState::kIdle && tx_ == TxState::kInBlock && statements[0].kind != StatementKind::kBegin) {
-            tx_ = TxState::kFailed;
-        } else if (tx_ == TxState::kInBlock) {
-            tx_ = TxState::kFailed;
-        } else if (tx_ == TxState::kIdle && identity_at_query_start_) {
-            identity_ = *identity_at_query_start_;
-        }
+    if (stopped && tracker_.state() == TxState::kIdle && tx_at_start == TxState::kIdle && identity_at_query_start_) {
+        // The error rolls back the implicit transaction, and every SET it made.
+        identity_ = *identity_at_query_start_;
     }
+    if (!rewritten) {
+        if (statements.empty()) entry.plans.clear();
+        push(std::move(entry));
+        return step;
+    }
+    if (!server_work) {
+        // pgwarden answers the whole Query itself.
+        entry.kind = Pending::Kind::kSynthetic;
+        entry.started = true;
+        for (auto& plan : entry.plans) {
+            entry.synthetic += plan.before;
+            if (plan.mode == Plan::Mode::kSynthetic) wire::append_command_complete(entry.synthetic, plan.tag);
+            if (plan.mode == Plan::Mode::kError) entry.synthetic += plan.error;
+        }
+        wire::append_ready_for_query(entry.synthetic, client_status());
+        entry.plans.clear();
+        step.action = ClientStep::Action::kDrop;
+        push(std::move(entry));
+        return step;
+    }
+    step.action = ClientStep::Action::kReplace;
+    wire::append_query(step.replacement, text);
     push(std::move(entry));
     return step;
 }
@@ -195,25 +306,22 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
     policies_ = runtime_.policies();
     entry.name = std::string(parse->statement);
     ClientStep step;
-    std::shared_ptr<const policy::Classification> classification;
     if (parse->sql.size() > config_->proxy.max_statement_bytes) {
-        // Too large to classify: remember it as a failed Parse, and make the server fail
-        // here so that the rest of the batch is skipped until Sync, as PostgreSQL would.
+        // Too large to classify: make the server fail here, so that the rest of the batch
+        // is skipped until Sync, as PostgreSQL would after a failed Parse.
         Plan plan;
         plan.mode = Plan::Mode::kProbe;
-        plan.probe_error = error_bytes({"54000", "pgwarden: statement too large",
-                                        std::to_string(parse->sql.size()) + " bytes exceed max_statement_bytes (" +
-                                            std::to_string(config_->proxy.max_statement_bytes) + ")",
-                                        ""});
+        plan.error = error_bytes({"54000", "pgwarden: statement too large",
+                                  too_large_detail(parse->sql.size(), config_->proxy.max_statement_bytes), ""});
         entry.kind = Pending::Kind::kExecute;
         entry.plans.push_back(std::move(plan));
         step.action = ClientStep::Action::kReplace;
-        wire::append_execute(step.replacement, kProbeName);
-        if (tx_ == TxState::kInBlock) tx_ = TxState::kFailed;
+        wire::append_execute(step.replacement, kProbePortal);
+        tracker_.on_error();
         push(std::move(entry));
         return step;
     }
-    classification = runtime_.classifier().classify(parse->sql);
+    auto classification = runtime_.classifier().classify(parse->sql);
     if (entry.name.empty()) {
         statements_[entry.name] = classification;
         entry.created = true;
@@ -243,42 +351,110 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
     return {};
 }
 
+void Interceptor::inject_extended(std::string& out, const std::string& sql, Plan plan) {
+    wire::append_parse(out, kInjectName, sql);
+    wire::append_bind(out, kInjectName, kInjectName);
+    wire::append_execute(out, kInjectName);
+    wire::append_close(out, 'S', kInjectName);
+    Pending parse, bind, execute, close;
+    parse.kind = Pending::Kind::kParse;
+    parse.swallow = true;
+    bind.kind = Pending::Kind::kBind;
+    bind.swallow = true;
+    execute.kind = Pending::Kind::kExecute;
+    execute.plans.push_back(std::move(plan));
+    close.kind = Pending::Kind::kClose;
+    close.swallow = true;
+    push(std::move(parse));
+    push(std::move(bind));
+    push(std::move(execute));
+    push(std::move(close));
+}
+
 Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     auto execute = wire::parse_execute(body_of(message));
-    Pending entry;
-    entry.kind = Pending::Kind::kExecute;
-    entry.sent = policy::Clock::now();
     ClientStep step;
-    if (!execute) {
+    std::shared_ptr<const policy::Classification> classification;
+    if (execute) {
+        if (auto it = portals_.find(std::string(execute->portal)); it != portals_.end()) classification = it->second;
+    }
+    if (classification && classification->statements.empty()) {
+        // An empty query: EmptyQueryResponse, nothing to decide.
+        Pending entry;
+        entry.kind = Pending::Kind::kExecute;
         entry.plans.emplace_back();
         push(std::move(entry));
         return step;
     }
-    std::shared_ptr<const policy::Classification> classification;
-    if (auto it = portals_.find(std::string(execute->portal)); it != portals_.end()) classification = it->second;
-    static const policy::StatementInfo unknown = unknown_statement();
-    const policy::StatementInfo* statement = &unknown;
-    if (classification && !classification->statements.empty()) statement = &classification->statements.front();
-    Plan plan;
-    plan.kind = statement->kind;
-    if (classification && classification->statements.empty()) {
-        // An empty query: EmptyQueryResponse, nothing to decide.
+    const policy::StatementInfo& statement =
+        classification ? classification->statements.front() : unknown_statement();
+    Decision decision = decide(statement, {}, true);
+    step.delay_until = decision.delay_until;
+
+    if (decision.steps.empty()) {
+        Pending entry;
+        entry.kind = Pending::Kind::kExecute;
+        entry.sent = policy::Clock::now();
+        Plan plan;
+        plan.kind = statement.kind;
+        plan.before = std::move(decision.notices);
         entry.plans.push_back(std::move(plan));
         push(std::move(entry));
         return step;
     }
-    policy::Verdict verdict = decide(*statement, {}, true);
-    for (const auto& n : verdict.notices) plan.before += notice_bytes(n);
-    step.delay_until = verdict.delay_until;
-    if (verdict.rejects()) {
-        plan.mode = Plan::Mode::kProbe;
-        plan.probe_error = error_bytes(verdict.error);
-        step.action = ClientStep::Action::kReplace;
-        wire::append_execute(step.replacement, kProbeName);
-        if (tx_ == TxState::kInBlock) tx_ = TxState::kFailed;
+
+    step.action = ClientStep::Action::kReplace;
+    bool first = true;
+    for (auto& s : decision.steps) {
+        Plan plan;
+        plan.kind = statement.kind;
+        if (first) plan.before = std::move(decision.notices);
+        first = false;
+        switch (s.type) {
+            case ServerStep::Type::kOriginal: {
+                plan.tag = s.tag;
+                step.replacement.append(message);
+                Pending entry;
+                entry.kind = Pending::Kind::kExecute;
+                entry.sent = policy::Clock::now();
+                entry.plans.push_back(std::move(plan));
+                push(std::move(entry));
+                break;
+            }
+            case ServerStep::Type::kSql:
+                plan.tag = s.tag;
+                plan.hidden = s.hidden;
+                inject_extended(step.replacement, s.sql, std::move(plan));
+                break;
+            case ServerStep::Type::kSynthetic: {
+                Pending entry;
+                entry.kind = Pending::Kind::kSynthetic;
+                entry.synthetic = std::move(plan.before);
+                wire::append_command_complete(entry.synthetic, s.tag);
+                push(std::move(entry));
+                break;
+            }
+            case ServerStep::Type::kProbe: {
+                plan.mode = Plan::Mode::kProbe;
+                plan.error = error_bytes(s.error);
+                wire::append_execute(step.replacement, kProbePortal);
+                Pending entry;
+                entry.kind = Pending::Kind::kExecute;
+                entry.plans.push_back(std::move(plan));
+                push(std::move(entry));
+                return step;
+            }
+            case ServerStep::Type::kError: {
+                Pending entry;
+                entry.kind = Pending::Kind::kSynthetic;
+                entry.synthetic = std::move(plan.before);
+                entry.synthetic += error_bytes(s.error);
+                push(std::move(entry));
+                skip_until_sync_ = true;
+                return step;
+            }
+        }
     }
-    entry.plans.push_back(std::move(plan));
-    push(std::move(entry));
     return step;
 }
 
@@ -302,98 +478,195 @@ Interceptor::ClientStep Interceptor::on_function_call() {
     policy::StatementInfo call;
     call.kind = StatementKind::kCall;
     call.is_write = true;
+    ClientStep step;
+    Decision decision = decide(call, {}, false);
+    step.delay_until = decision.delay_until;
     Pending entry;
     entry.kind = Pending::Kind::kFunctionCall;
     entry.sent = policy::Clock::now();
-    ClientStep step;
-    policy::Verdict verdict = decide(call, {}, false);
-    step.delay_until = verdict.delay_until;
+    for (const auto& s : decision.steps) {
+        if (s.type != ServerStep::Type::kProbe && s.type != ServerStep::Type::kError) continue;
+        // FunctionCall has no probe of its own: answer it here, as the server would
+        // after an error (ErrorResponse, ReadyForQuery), without sending it.
+        if (s.type == ServerStep::Type::kProbe) tracker_.on_error();
+        entry.kind = Pending::Kind::kSynthetic;
+        entry.synthetic = decision.notices + error_bytes(s.error);
+        wire::append_ready_for_query(entry.synthetic, client_status());
+        step.action = ClientStep::Action::kDrop;
+        push(std::move(entry));
+        return step;
+    }
     Plan plan;
     plan.kind = StatementKind::kCall;
-    if (verdict.rejects()) {
-        // FunctionCall has no probe of its own: answer it here, as the server would after
-        // an error (ErrorResponse, then ReadyForQuery), without sending it.
-        entry.kind = Pending::Kind::kSynthetic;
-        if (tx_ == TxState::kInBlock) tx_ = TxState::kFailed;
-        entry.synthetic = error_bytes(verdict.error);
-        wire::append_ready_for_query(entry.synthetic, tx_ == TxState::kFailed ? 'E' : tx_ == TxState::kInBlock ? 'T' : 'I');
-        step.action = ClientStep::Action::kDrop;
-    }
+    plan.before = std::move(decision.notices);
     entry.plans.push_back(std::move(plan));
     push(std::move(entry));
     return step;
 }
 
-policy::Verdict Interceptor::decide(const policy::StatementInfo& input, std::string_view sql, bool extended) {
+Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, std::string_view sql, bool extended) {
+    Decision decision;
     const policy::StatementInfo* statement = &input;
     // SQL-level EXECUTE runs a statement prepared earlier: judge what it runs.
     if (!input.execute_name.empty()) {
         auto it = statements_.find(input.execute_name);
-        static const policy::StatementInfo unknown = unknown_statement();
         statement = (it != statements_.end() && !it->second->statements.empty()) ? &it->second->statements.front()
-                                                                                  : &unknown;
+                                                                                  : &unknown_statement();
     }
-    std::string client = identity_.resolve(config_->identity, statement);
-    count_statement(*statement, client);
-
-    policy::Verdict verdict;
     const bool prepare_only = !input.prepare_name.empty();
-    // Inside a failed block the server refuses everything but the end of it (25P02), so
-    // there is nothing for a policy to add.
-    if (!prepare_only && tx_ != TxState::kFailed && !policies_->pipeline.empty()) {
-        policy::StatementContext context{*statement, sql, identity_, client, tx_, 0, extended, session_id_};
+    std::string client = identity_.resolve(config_->identity, statement);
+    count_statement(prepare_only ? unknown_statement() : *statement, client);
+    auto& m = metrics::proxy_metrics();
+    const std::string session = std::to_string(session_id_);
+
+    // Transaction control first: nesting modes and doom decide on their own.
+    auto mode = config_->transactions.nesting;
+    if (statement->kind == StatementKind::kBegin && tracker_.state() != TxState::kIdle && policies_->rules)
+        if (auto o = policies_->rules->nesting_override(identity_, client)) mode = *o;
+    const TxState before = tracker_.state();
+    const std::string outer = tracker_.outer_begin_statement();
+    auto tc = tracker_.on_statement(prepare_only ? input : *statement, sql, mode);
+    if (tc.nested_begin) {
+        m.nested_begins.labels({m.clients.label(client), policy::to_string(mode)}).inc();
+        log::warn("nested_begin", {{"session", session}, {"client", client}, {"mode", policy::to_string(mode)},
+                                   {"depth", std::to_string(tracker_.depth())},
+                                   {"statement", log::truncate_statement(sql)},
+                                   {"outer_transaction", log::truncate_statement(outer)}});
+    }
+    if (tc.early_commit) {
+        m.lint_findings.labels({"early_commit", m.clients.label(client)}).inc();
+        log::warn("early_commit", {{"session", session}, {"client", client},
+                                   {"statement", log::truncate_statement(sql)},
+                                   {"outer_transaction", log::truncate_statement(outer)}});
+    }
+    if (tc.doomed_now) {
+        m.doomed_transactions.labels({*tc.doomed_now}).inc();
+        log::warn("transaction_doomed", {{"session", session}, {"client", client}, {"reason", *tc.doomed_now},
+                                         {"statement", log::truncate_statement(sql)}});
+    }
+    if (tc.doomed_write_rejected) {
+        m.doomed_writes_rejected.inc();
+        log::info("doomed_write_rejected", {{"session", session}, {"client", client},
+                                            {"kind", policy::to_string(statement->kind)},
+                                            {"statement", log::truncate_statement(sql)}});
+    }
+    if (tc.doomed_commit) {
+        m.transaction(metrics::TransactionOutcome::kDoomedRollback).inc();
+        log::warn("doomed_commit_rolled_back", {{"session", session}, {"client", client}});
+    }
+    if (statement->row_locking && before == TxState::kIdle && statement->kind == StatementKind::kSelect) {
+        // FOR UPDATE outside a block: the lock ends with the statement.
+        m.lint_findings.labels({"row_lock_outside_transaction", m.clients.label(client)}).inc();
+        log::info("lint_row_lock_outside_transaction", {{"session", session}, {"client", client},
+                                                        {"statement", log::truncate_statement(sql)}});
+    }
+    for (const auto& n : tc.notices) decision.notices += notice_bytes(n);
+    if (tc.final) {
+        decision.steps = std::move(tc.steps);
+        if (!decision.steps.empty() && decision.steps.back().type == ServerStep::Type::kProbe)
+            log::warn("statement_rejected", {{"session", session}, {"client", client}, {"policy", "transactions"},
+                                             {"kind", policy::to_string(statement->kind)},
+                                             {"sqlstate", decision.steps.back().error.sqlstate},
+                                             {"statement", log::truncate_statement(sql)}});
+        return decision;
+    }
+
+    // Then the policy pipeline (rules, throttles). Inside a failed block the server
+    // refuses everything but the end of it (25P02): nothing for a policy to add.
+    policy::Verdict verdict;
+    if (!prepare_only && before != TxState::kFailed && !policies_->pipeline.empty()) {
+        policy::StatementContext context{*statement, sql, identity_, client, before, tracker_.depth(), extended,
+                                         session_id_};
         verdict = policies_->pipeline.before(context);
         if (!verdict.hits.empty() || verdict.rejects()) log_decision(verdict, *statement, sql, client);
     }
-    if (!verdict.rejects()) predict_effects(input);
-    return verdict;
+    for (const auto& n : verdict.notices) decision.notices += notice_bytes(n);
+    decision.delay_until = verdict.delay_until;
+    if (verdict.rejects()) {
+        // As if the server had failed the statement: a block is aborted, an implicit
+        // transaction rolled back.
+        if (before == TxState::kIdle && tracker_.state() != TxState::kIdle) {
+            // a BEGIN that was just tracked did not happen
+            tracker_.on_ready_for_query(TxState::kIdle);
+        }
+        tracker_.on_error();
+        ServerStep probe;
+        probe.type = ServerStep::Type::kProbe;
+        probe.error = policy::Message{verdict.error.sqlstate, verdict.error.message, verdict.error.detail,
+                                      verdict.error.hint};
+        decision.steps.push_back(std::move(probe));
+        return decision;
+    }
+    if (verdict.doom_reason && tracker_.doom(*verdict.doom_reason)) {
+        m.doomed_transactions.labels({*verdict.doom_reason}).inc();
+        log::warn("transaction_doomed", {{"session", session}, {"client", client}, {"reason", *verdict.doom_reason},
+                                         {"rule", verdict.rule}, {"statement", log::truncate_statement(sql)}});
+        if (statement->is_write && !tracker_.server_read_only()) {
+            // The statement that dooms the transaction is its first refused write.
+            auto again = tracker_.on_statement(*statement, sql, mode);
+            if (again.final) {
+                m.doomed_writes_rejected.inc();
+                decision.steps = std::move(again.steps);
+                return decision;
+            }
+        }
+    }
+    if (tracker_.doom_reason() && !tracker_.server_read_only() && tracker_.state() == TxState::kInBlock) {
+        // The server enforces the doom too, so that writes pgwarden cannot see (inside
+        // functions) are refused as well: a transaction may turn read-only at any time.
+        tracker_.set_server_read_only();
+        decision.steps.push_back(policy::ServerStep{ServerStep::Type::kSql, std::string(kReadOnlySql), "", true, {}});
+        decision.steps.push_back(policy::ServerStep{});
+    }
+    track_prepared(input);
+    if (statement->kind == StatementKind::kSet || !input.prepare_name.empty() || !input.deallocate_name.empty() ||
+        input.deallocate_all || statement->kind == StatementKind::kBegin || statement->kind == StatementKind::kCommit ||
+        statement->kind == StatementKind::kRollback || statement->kind == StatementKind::kSavepoint ||
+        statement->kind == StatementKind::kRelease || statement->kind == StatementKind::kRollbackTo) {
+        // Identity follows the statements it depends on (SET and transaction ends).
+        switch (statement->kind) {
+            case StatementKind::kBegin:
+                if (before == TxState::kIdle) identity_.begin_transaction();
+                break;
+            case StatementKind::kCommit:
+                if (before == TxState::kFailed)
+                    identity_.rollback_transaction();
+                else
+                    identity_.commit_transaction();
+                if (statement->chain) identity_.begin_transaction();
+                break;
+            case StatementKind::kRollback:
+                identity_.rollback_transaction();
+                if (statement->chain) identity_.begin_transaction();
+                break;
+            case StatementKind::kSavepoint:
+                identity_.savepoint(statement->savepoint);
+                break;
+            case StatementKind::kRelease:
+                identity_.release_savepoint(statement->savepoint);
+                break;
+            case StatementKind::kRollbackTo:
+                identity_.rollback_to_savepoint(statement->savepoint);
+                break;
+            case StatementKind::kSet:
+                identity_.apply_set(*statement, tracker_.state() != TxState::kIdle);
+                if (statement->set_name == "application_name" && statement->set_value)
+                    identity_.set_application_name(*statement->set_value);
+                break;
+            default:
+                break;
+        }
+    }
+    return decision;
 }
 
-void Interceptor::predict_effects(const policy::StatementInfo& s) {
-    switch (s.kind) {
-        case StatementKind::kBegin:
-            if (tx_ == TxState::kIdle) {
-                tx_ = TxState::kInBlock;
-                identity_.begin_transaction();
-            }
-            break;
-        case StatementKind::kCommit:
-        case StatementKind::kPrepareTransaction:
-            if (tx_ == TxState::kFailed) identity_.rollback_transaction();
-            else identity_.commit_transaction();
-            tx_ = s.chain ? TxState::kInBlock : TxState::kIdle;
-            if (s.chain) identity_.begin_transaction();
-            break;
-        case StatementKind::kRollback:
-            identity_.rollback_transaction();
-            tx_ = s.chain ? TxState::kInBlock : TxState::kIdle;
-            if (s.chain) identity_.begin_transaction();
-            break;
-        case StatementKind::kSavepoint:
-            identity_.savepoint(s.savepoint);
-            break;
-        case StatementKind::kRelease:
-            identity_.release_savepoint(s.savepoint);
-            break;
-        case StatementKind::kRollbackTo:
-            identity_.rollback_to_savepoint(s.savepoint);
-            if (tx_ == TxState::kFailed) tx_ = TxState::kInBlock;
-            break;
-        case StatementKind::kSet:
-            identity_.apply_set(s, tx_ != TxState::kIdle);
-            if (s.set_name == "application_name" && s.set_value) identity_.set_application_name(*s.set_value);
-            break;
-        default:
-            break;
-    }
-    if (!s.prepare_name.empty()) {
+void Interceptor::track_prepared(const policy::StatementInfo& s) {
+    if (!s.prepare_name.empty() && statements_.find(s.prepare_name) == statements_.end()) {
         // PREPARE shares the namespace of protocol-level statements.
-        if (statements_.find(s.prepare_name) == statements_.end()) {
-            auto inner = std::make_shared<policy::Classification>();
-            inner->statements.push_back(s);
-            inner->statements.back().prepare_name.clear();
-            statements_.emplace(s.prepare_name, std::move(inner));
-        }
+        auto inner = std::make_shared<policy::Classification>();
+        inner->statements.push_back(s);
+        inner->statements.back().prepare_name.clear();
+        statements_.emplace(s.prepare_name, std::move(inner));
     }
     if (!s.deallocate_name.empty()) statements_.erase(s.deallocate_name);
     if (s.deallocate_all) statements_.clear();
@@ -444,9 +717,16 @@ void Interceptor::reach(Pending& entry, std::string& sink) {
     while (!entry.failed && entry.next < entry.plans.size()) {
         Plan& plan = entry.plans[entry.next];
         if (!plan.before.empty()) sink += std::exchange(plan.before, {});
-        if (plan.mode != Plan::Mode::kSynthetic) return;
-        wire::append_command_complete(sink, plan.tag);
-        ++entry.next;
+        if (plan.mode == Plan::Mode::kSynthetic) {
+            wire::append_command_complete(sink, plan.tag);
+            ++entry.next;
+            continue;
+        }
+        if (plan.mode == Plan::Mode::kError) {
+            sink += plan.error;
+            entry.failed = true;
+        }
+        return;
     }
 }
 
@@ -471,19 +751,8 @@ void Interceptor::pop_front(std::string& sink) {
     activate_front(sink);
 }
 
-void Interceptor::complete_plan(Pending& entry, std::string_view tag, std::string_view sqlstate) {
-    if (entry.next >= entry.plans.size()) return;
-    Plan& plan = entry.plans[entry.next];
-    if (sqlstate.empty() && entry.sent != policy::Clock::time_point{}) {
-        auto seconds = std::chrono::duration<double>(policy::Clock::now() - entry.sent).count();
-        metrics::proxy_metrics().statement_duration.labels({policy::to_string(plan.kind)}).observe(seconds);
-    }
-    (void)tag;
-    ++entry.next;
-}
-
-Interceptor::ServerStep Interceptor::on_server_message(char type, std::string_view message) {
-    ServerStep step;
+Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_view message) {
+    ResponseStep step;
     if (type == wire::be::kParameterStatus) {
         auto status = wire::parse_parameter_status(body_of(message));
         if (status && status->name == "application_name") identity_.set_application_name(std::string(status->value));
@@ -499,24 +768,29 @@ Interceptor::ServerStep Interceptor::on_server_message(char type, std::string_vi
     }
     if (queue_.empty()) return step;
     Pending& front = queue_.front();
+    if (front.swallow) step.action = ResponseStep::Action::kDrop;
     switch (type) {
         case wire::be::kCommandComplete:
         case wire::be::kEmptyQueryResponse:
         case wire::be::kPortalSuspended: {
-            std::string_view tag;
-            if (type == wire::be::kCommandComplete) {
-                if (auto cc = wire::parse_command_complete(body_of(message))) tag = cc->tag;
+            if (front.kind != Pending::Kind::kQuery && front.kind != Pending::Kind::kExecute) break;
+            if (front.next < front.plans.size()) {
+                const Plan& plan = front.plans[front.next];
+                if (plan.hidden) {
+                    step.action = ResponseStep::Action::kDrop;
+                } else if (!plan.tag.empty() && type == wire::be::kCommandComplete) {
+                    step.action = ResponseStep::Action::kReplace;
+                    wire::append_command_complete(step.replacement, plan.tag);
+                }
+                if (type != wire::be::kPortalSuspended && front.sent != policy::Clock::time_point{} && !plan.hidden) {
+                    auto seconds = std::chrono::duration<double>(policy::Clock::now() - front.sent).count();
+                    metrics::proxy_metrics().statement_duration.labels({policy::to_string(plan.kind)}).observe(seconds);
+                }
             }
             if (front.kind == Pending::Kind::kQuery) {
-                if (front.next < front.plans.size() && type == wire::be::kCommandComplete &&
-                    !front.plans[front.next].tag.empty()) {
-                    step.action = ServerStep::Action::kReplace;
-                    wire::append_command_complete(step.replacement, front.plans[front.next].tag);
-                }
-                complete_plan(front, tag, {});
+                ++front.next;
                 reach(front, step.emit_after);
-            } else if (front.kind == Pending::Kind::kExecute) {
-                if (type != wire::be::kPortalSuspended) complete_plan(front, tag, {});
+            } else {
                 pop_front(step.emit_after);
             }
             break;
@@ -540,24 +814,26 @@ Interceptor::ServerStep Interceptor::on_server_message(char type, std::string_vi
     return step;
 }
 
-void Interceptor::on_error_response(std::string_view message, ServerStep& step) {
+void Interceptor::on_error_response(std::string_view message, ResponseStep& step) {
+    if (queue_.empty()) return;
     auto fields = wire::parse_error_fields(body_of(message));
     std::string_view sqlstate = fields ? fields->sqlstate() : std::string_view{};
-    if (queue_.empty()) return;
     errors_in_flight_ = true;
+    tracker_.on_error();
     Pending& front = queue_.front();
+    if (front.swallow) step.action = ResponseStep::Action::kDrop;
     auto replace_probe = [&](Pending& entry) {
         if (entry.next < entry.plans.size() && entry.plans[entry.next].mode == Plan::Mode::kProbe &&
             sqlstate == kProbeSqlstate) {
-            step.action = ServerStep::Action::kReplace;
-            step.replacement = entry.plans[entry.next].probe_error;
+            step.action = ResponseStep::Action::kReplace;
+            step.replacement = entry.plans[entry.next].error;
         }
     };
     switch (front.kind) {
         case Pending::Kind::kQuery:
             replace_probe(front);
             front.failed = true;
-            if (tx_ == TxState::kIdle && identity_at_query_start_) {
+            if (tracker_.state() == TxState::kIdle && identity_at_query_start_) {
                 identity_ = *identity_at_query_start_;
                 identity_at_query_start_.reset();
             }
@@ -569,47 +845,56 @@ void Interceptor::on_error_response(std::string_view message, ServerStep& step) 
         case Pending::Kind::kExecute:
             replace_probe(front);
             [[fallthrough]];
-        default:
+        default: {
             // The server now skips everything up to Sync, and so do the answers we expect.
+            bool undo = front.kind == Pending::Kind::kParse && front.created;
+            std::string name = front.name;
             queue_.pop_front();
+            if (undo) statements_.erase(name);
             while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
                 if (queue_.front().kind == Pending::Kind::kParse && queue_.front().created)
                     statements_.erase(queue_.front().name);
                 queue_.pop_front();
             }
-            if (front.kind == Pending::Kind::kParse && front.created) statements_.erase(front.name);
             return;
+        }
     }
 }
 
-void Interceptor::on_ready_for_query(std::string_view message, ServerStep& step) {
+void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& step) {
     auto ready = wire::parse_ready_for_query(body_of(message));
+    bool swallowed = false;
     // Answers end at the first Sync, Query or FunctionCall entry.
     while (!queue_.empty()) {
         auto kind = queue_.front().kind;
+        swallowed = queue_.front().swallow;
         queue_.pop_front();
         if (kind == Pending::Kind::kSync || kind == Pending::Kind::kQuery || kind == Pending::Kind::kFunctionCall)
             break;
     }
-    if (ready) {
-        TxState actual = ready->status == 'T' ? TxState::kInBlock
+    if (swallowed) step.action = ResponseStep::Action::kDrop;
+    if (ready && queue_.empty()) {
+        TxState actual = ready->status == 'T'   ? TxState::kInBlock
                          : ready->status == 'E' ? TxState::kFailed
                                                 : TxState::kIdle;
-        if (queue_.empty()) {
 #ifndef NDEBUG
-            if (!errors_in_flight_ && actual != tx_)
-                log::error("tx_state_mismatch", {{"session", std::to_string(session_id_)},
-                                                 {"predicted", policy::to_string(tx_)},
-                                                 {"server", policy::to_string(actual)}});
+        if (!errors_in_flight_ && !tracker_.rolled_back_for_idle() && actual != tracker_.state())
+            log::error("tx_state_mismatch", {{"session", std::to_string(session_id_)},
+                                             {"predicted", policy::to_string(tracker_.state())},
+                                             {"server", policy::to_string(actual)}});
 #endif
-            if (actual == TxState::kIdle && tx_ != TxState::kIdle) identity_.rollback_transaction();
-            tx_ = actual;
-            errors_in_flight_ = false;
-            if (actual == TxState::kIdle) {
-                portals_.clear();
-                identity_at_query_start_.reset();
-            }
+        if (actual == TxState::kIdle && tracker_.state() != TxState::kIdle) identity_.rollback_transaction();
+        tracker_.on_ready_for_query(actual);
+        errors_in_flight_ = false;
+        if (actual == TxState::kIdle) {
+            portals_.clear();
+            identity_at_query_start_.reset();
         }
+    }
+    if (!swallowed && tracker_.rolled_back_for_idle() && ready && ready->status != 'E') {
+        // The client is in a block pgwarden rolled back: it sees a failed transaction.
+        step.action = ResponseStep::Action::kReplace;
+        wire::append_ready_for_query(step.replacement, 'E');
     }
     activate_front(step.emit_after);
 }

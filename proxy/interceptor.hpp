@@ -1,14 +1,17 @@
 // Statement interception for one session: classifies what the client sends, asks the
-// policy pipeline, and turns verdicts into protocol actions (forward, reject, rewrite,
-// delay). It keeps a queue of the responses the server still owes, so that errors and
-// synthesized results reach the client exactly where PostgreSQL would have put them,
-// and predicts the transaction state between ReadyForQuery messages.
+// transaction tracker and the policy pipeline, and turns their decisions into protocol
+// actions (forward, reject, rewrite, answer locally, delay). It keeps a queue of the
+// responses the server still owes, so that errors and synthesized results reach the
+// client exactly where PostgreSQL would have put them.
 //
 // How a rejection is made exact: the rejected statement never reaches the server; in its
 // place pgwarden sends a probe that fails without side effects (a FETCH or Execute of a
 // cursor/portal that cannot exist). The server then does what it does for any error at
 // that point (aborts the transaction block, rolls back the implicit transaction, skips
 // the rest of the batch until Sync), and pgwarden replaces the probe's error with its own.
+// Errors that must NOT abort the server's transaction (a write in a doomed transaction,
+// which may go on reading) are answered by pgwarden alone, and the rest of the batch is
+// skipped on this side.
 #pragma once
 #include <cstdint>
 #include <deque>
@@ -22,6 +25,7 @@
 #include "policy/classifier.hpp"
 #include "policy/identity.hpp"
 #include "policy/pipeline.hpp"
+#include "policy/transaction.hpp"
 #include "proxy/runtime.hpp"
 
 namespace pgwarden::proxy {
@@ -45,33 +49,45 @@ public:
     bool has_immediate_output() const { return !immediate_.empty(); }
     std::string take_immediate_output() { return std::exchange(immediate_, {}); }
 
-    struct ServerStep {
+    struct ResponseStep {
         enum class Action : std::uint8_t { kRelay, kReplace, kDrop };
         Action action = Action::kRelay;
         std::string replacement;  // kReplace: bytes sent to the client instead
         std::string emit_after;   // synthesized messages that follow it
     };
     // Server message types the relay loop must show to on_server_message; everything
-    // else (DataRow, CopyData, notices...) is relayed without a call.
+    // else (DataRow, CopyData, notices...) is relayed without a call, unless
+    // swallowing() says the server's output is currently pgwarden's own.
     static bool observes(char server_type);
-    ServerStep on_server_message(char type, std::string_view message);
+    bool swallowing() const { return !queue_.empty() && queue_.front().swallow; }
+    ResponseStep on_server_message(char type, std::string_view message);
 
-    policy::TxState tx_state() const { return tx_; }
+    // Nothing in flight, the client idle inside a transaction block.
+    bool idle_in_transaction() const;
+    // Rolls the transaction back on the server for idling: returns the Query to send to
+    // the server (its answers are swallowed); the client learns of it at its next statement.
+    std::string roll_back_for_idle(const std::string& after);
+    // Dooms the current transaction (admin API); "" on success, else why not.
+    std::string doom(const std::string& reason);
+
+    policy::TxState tx_state() const { return tracker_.state(); }
+    const policy::TransactionTracker& transaction() const { return tracker_; }
     const policy::ClientIdentity& identity() const { return identity_; }
     std::size_t in_flight() const { return queue_.size(); }
 
 private:
     // What pgwarden expects from the server for one statement of a Query (or one Execute).
     struct Plan {
-        enum class Mode : std::uint8_t { kServer, kSynthetic, kProbe };
+        enum class Mode : std::uint8_t { kServer, kSynthetic, kProbe, kError };
         Mode mode = Mode::kServer;
         policy::StatementKind kind = policy::StatementKind::kOther;
+        bool hidden = false;       // kServer: its completion is pgwarden's business only
         std::string before;        // notices to send when the statement is reached
         std::string tag;           // kSynthetic: its CommandComplete; kServer: tag override
-        std::string probe_error;   // kProbe: the ErrorResponse that replaces the server's
+        std::string error;         // kProbe: replaces the server's error; kError: sent as is
     };
 
-    // One client message the server has yet to answer (or a synthesized answer in line).
+    // One message the server has yet to answer (or a synthesized answer in line).
     struct Pending {
         enum class Kind : std::uint8_t {
             kQuery, kParse, kBind, kDescribe, kExecute, kClose, kSync, kFunctionCall, kSynthetic
@@ -79,12 +95,20 @@ private:
         Kind kind = Kind::kSync;
         bool started = false;
         bool failed = false;
-        std::size_t next = 0;          // plan being answered
-        std::vector<Plan> plans;       // kQuery, kExecute
-        std::string name;              // kParse: statement name
-        bool created = false;          // kParse: the name was new (undo on failure)
-        std::string synthetic;         // kSynthetic: everything the client gets for it
+        bool swallow = false;      // injected by pgwarden: the client sees none of its answers
+        std::size_t next = 0;      // plan being answered
+        std::vector<Plan> plans;   // kQuery, kExecute
+        std::string name;          // kParse: statement name
+        bool created = false;      // kParse: the name was new (undo on failure)
+        std::string synthetic;     // kSynthetic: everything the client gets for it
         policy::Clock::time_point sent{};
+    };
+
+    // How one client statement is carried out.
+    struct Decision {
+        std::vector<policy::ServerStep> steps;  // empty: forward as sent
+        std::string notices;                    // NoticeResponse bytes
+        std::optional<policy::Clock::time_point> delay_until;
     };
 
     ClientStep on_query(std::string_view sql);
@@ -94,32 +118,33 @@ private:
     ClientStep on_close(std::string_view message);
     ClientStep on_function_call();
 
-    // Runs the pipeline for one statement and updates the predicted session state as if
-    // it succeeds. Returns the verdict.
-    policy::Verdict decide(const policy::StatementInfo& statement, std::string_view sql, bool extended);
-    void predict_effects(const policy::StatementInfo& statement);
+    Decision decide(const policy::StatementInfo& statement, std::string_view sql, bool extended);
+    void track_prepared(const policy::StatementInfo& statement);
     void count_statement(const policy::StatementInfo& statement, std::string_view client);
     void log_decision(const policy::Verdict& verdict, const policy::StatementInfo& statement, std::string_view sql,
                       std::string_view client);
+    char client_status() const;
 
+    // Extended protocol: runs `sql` through reserved statement and portal names.
+    void inject_extended(std::string& out, const std::string& sql, Plan plan);
     void push(Pending pending);
     // Emits what the front entry says before its first server response (notices and
     // results of statements pgwarden answered itself), popping entries that are
     // entirely synthetic.
     void activate_front(std::string& sink);
     void reach(Pending& entry, std::string& sink);
-    void complete_plan(Pending& entry, std::string_view tag, std::string_view sqlstate);
     void pop_front(std::string& sink);
-    void on_error_response(std::string_view message, ServerStep& step);
-    void on_ready_for_query(std::string_view message, ServerStep& step);
+    void on_error_response(std::string_view message, ResponseStep& step);
+    void on_ready_for_query(std::string_view message, ResponseStep& step);
 
     Runtime& runtime_;
     std::shared_ptr<const policy::Config> config_;
     std::shared_ptr<const Policies> policies_;
     std::uint64_t session_id_;
     policy::ClientIdentity identity_;
-    policy::TxState tx_ = policy::TxState::kIdle;
+    policy::TransactionTracker tracker_;
     bool errors_in_flight_ = false;  // predictions may be off until the next quiescent 'Z'
+    bool skip_until_sync_ = false;   // pgwarden answered an extended-protocol error itself
     std::deque<Pending> queue_;
     std::string immediate_;
     std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> statements_;

@@ -430,6 +430,9 @@ TEST_CASE("classifier: PREPARE, EXECUTE and DEALLOCATE", "[classifier]") {
     CHECK(deallocate.deallocate_name == "ins");
     CHECK_FALSE(deallocate.deallocate_all);
     CHECK(only(classify("DEALLOCATE ALL")).deallocate_all);
+    CHECK(only(classify("DISCARD ALL")).deallocate_all);
+    CHECK_FALSE(only(classify("DISCARD PLANS")).deallocate_all);
+    CHECK_FALSE(only(classify("RESET ALL")).deallocate_all);
 }
 
 TEST_CASE("classifier: row locking", "[classifier]") {
