@@ -18,6 +18,10 @@ Verdict Pipeline::before(const StatementContext& context) const {
         Verdict v = policy->before(context);
         for (auto& n : v.notices) combined.notices.push_back(std::move(n));
         for (auto& h : v.hits) combined.hits.push_back(std::move(h));
+        // Kept whatever decides: a delay reserved before a later rejection must still be
+        // released, and every throttle decision counted.
+        for (auto& r : v.reservations) combined.reservations.push_back(std::move(r));
+        for (auto& e : v.throttle_events) combined.throttle_events.push_back(std::move(e));
         if (v.doom_reason && !combined.doom_reason) {
             combined.doom_reason = v.doom_reason;
             combined.rule = v.rule;
@@ -27,6 +31,8 @@ Verdict Pipeline::before(const StatementContext& context) const {
         if (v.action != Verdict::Action::kAllow) {
             v.notices = std::move(combined.notices);
             v.hits = std::move(combined.hits);
+            v.reservations = std::move(combined.reservations);
+            v.throttle_events = std::move(combined.throttle_events);
             if (!v.doom_reason) v.doom_reason = combined.doom_reason;
             if (!v.delay_until) v.delay_until = combined.delay_until;
             return v;

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -94,6 +95,17 @@ struct KeyEqual {
     bool operator()(const KeyView& a, const std::string& b) const { return a.text == b; }
     bool operator()(const std::string& a, const KeyView& b) const { return a == b.text; }
 };
+
+// Which bucket of a rule a statement draws from; a rule-wide bucket has the key "".
+std::string_view bucket_key(ThrottleBucket scope, const StatementContext& context) {
+    switch (scope) {
+        case ThrottleBucket::kClient: return context.client;
+        case ThrottleBucket::kUser: return context.identity.user();
+        case ThrottleBucket::kDatabase: return context.identity.database();
+        case ThrottleBucket::kRule: return {};
+    }
+    return {};
+}
 
 // Transaction ends are never throttled (see throttle.hpp for why).
 bool never_throttled(StatementKind kind) {
@@ -357,49 +369,53 @@ ThrottlePolicy::ThrottlePolicy(const std::vector<ThrottleRule>& rules, std::shar
         compiled.max_wait = rule.action == ThrottleAction::kDelay ? to_fixed(rule.max_delay) : 0;
         compiled.penalty = to_fixed(rule.penalty);
         any_row_cost_ = any_row_cost_ || rule.cost == ThrottleCost::kRow;
+        for (std::size_t kind = 0; kind < kStatementKindCount; ++kind)
+            if (compiled.kinds.contains(static_cast<StatementKind>(kind))) listed_kinds_ |= 1u << kind;
         rules_.push_back(std::move(compiled));
     }
 }
 
 ThrottlePolicy::~ThrottlePolicy() = default;
 
+static_assert(kStatementKindCount <= 32, "listed_kinds_ has a bit per statement kind");
+
+bool ThrottlePolicy::exempt(const StatementInfo& statement) const {
+    if (never_throttled(statement.kind)) return true;
+    // Most statements are reads, and most rules take only writes: decide those at once.
+    return !statement.is_write && (listed_kinds_ & (1u << static_cast<unsigned>(statement.kind))) == 0;
+}
+
 bool ThrottlePolicy::applies(const Compiled& rule, const StatementContext& context) const {
     const bool counted = rule.kinds.empty() ? context.statement.is_write : rule.kinds.matches(context.statement);
     return counted && rule.matcher.matches_client(context.identity, context.client);
 }
 
-namespace {
-std::string_view bucket_key(ThrottleBucket scope, const StatementContext& context) {
-    switch (scope) {
-        case ThrottleBucket::kClient: return context.client;
-        case ThrottleBucket::kUser: return context.identity.user();
-        case ThrottleBucket::kDatabase: return context.identity.database();
-        case ThrottleBucket::kRule: return {};
-    }
-    return {};
-}
-}  // namespace
-
 void ThrottlePolicy::add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const {
+    // Rules of one scope share the key: hash it once.
+    std::array<std::optional<KeyView>, 4> keys;
     for (std::size_t i = 0; i < rules_.size(); ++i) {
         const Compiled& rule = rules_[i];
         if (!applies(rule, context)) continue;
-        const std::string_view key = bucket_key(rule.rule.bucket, context);
+        auto& key = keys[static_cast<std::size_t>(rule.rule.bucket)];
+        if (!key) {
+            const std::string_view text = bucket_key(rule.rule.bucket, context);
+            key = KeyView{text, hash_key(text)};
+        }
         // One token per statement; a row-cost statement reserves one and settles in after().
         if (merge) {
             auto same = std::find_if(demands.begin(), demands.end(),
-                                     [&](const Demand& d) { return d.rule == i && d.key.text == key; });
+                                     [&](const Demand& d) { return d.rule == i && d.key.text == key->text; });
             if (same != demands.end()) {
                 ++same->tokens;
                 continue;
             }
         }
-        demands.push_back({i, {key, hash_key(key)}, context.client, 1});
+        demands.push_back({i, *key, context.client, 1});
     }
 }
 
 Verdict ThrottlePolicy::before(const StatementContext& context) {
-    if (rules_.empty() || never_throttled(context.statement.kind)) return Verdict::allow();
+    if (rules_.empty() || exempt(context.statement)) return Verdict::allow();
     // Reused per thread: the common path allocates nothing.
     thread_local std::vector<Demand> demands;
     demands.clear();
@@ -412,7 +428,7 @@ Verdict ThrottlePolicy::before_batch(const std::vector<const StatementContext*>&
     if (rules_.empty()) return Verdict::allow();
     std::vector<Demand> demands;
     for (const StatementContext* context : statements)
-        if (!never_throttled(context->statement.kind)) add_demands(*context, demands, true);
+        if (!exempt(context->statement)) add_demands(*context, demands, true);
     if (demands.empty()) return Verdict::allow();
     return admit(demands);
 }
@@ -457,7 +473,7 @@ Verdict ThrottlePolicy::admit(const std::vector<Demand>& demands) {
 }
 
 void ThrottlePolicy::after(const StatementContext& context, const Outcome& outcome) {
-    if (!any_row_cost_ || never_throttled(context.statement.kind)) return;
+    if (!any_row_cost_ || exempt(context.statement)) return;
     // The statement reserved one token; its real cost is the rows it affected. Without a
     // row count (it failed, or its tag has none) the one token stands.
     if (!outcome.rows) return;

@@ -112,6 +112,7 @@ public:
 private:
     struct Compiled;
     struct Demand;
+    bool exempt(const StatementInfo& statement) const;  // no rule can count it
     bool applies(const Compiled& rule, const StatementContext& context) const;
     void add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const;
     Verdict admit(const std::vector<Demand>& demands);
@@ -119,6 +120,7 @@ private:
     std::shared_ptr<ThrottleState> state_;
     std::vector<Compiled> rules_;
     bool any_row_cost_ = false;
+    std::uint32_t listed_kinds_ = 0;  // kinds some rule lists by name (bit per StatementKind)
 };
 
 }  // namespace pgwarden::policy

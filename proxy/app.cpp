@@ -13,6 +13,7 @@
 #include "proxy/event_log.hpp"
 #include "proxy/listener.hpp"
 #include "proxy/runtime.hpp"
+#include "proxy/systemd_notify.hpp"
 
 namespace pgwarden::proxy {
 
@@ -68,6 +69,10 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
     std::unique_ptr<AdminServer> admin;
     // SIGHUP and POST /api/reload: validate first, swap whole, keep the old one on error.
     auto reload = [&]() -> std::pair<bool, std::string> {
+        notify_service_manager(notify_reloading_message());
+        struct Ready {
+            ~Ready() { notify_service_manager(kNotifyReady); }
+        } ready_again;
         std::vector<std::string> problems;
         auto fresh = load_configuration(config_file, overrides, problems);
         if (!fresh) {
@@ -143,6 +148,7 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
                                                      std::to_string(admin->local_endpoint().port())}});
     }
     listener->start();
+    notify_service_manager(kNotifyReady);
     log::info("listening", {{"listen", config.proxy.listen.to_string()},
                             {"upstream", config.proxy.upstream.to_string()},
                             {"threads", std::to_string(listener->thread_count())},
@@ -153,7 +159,9 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
         // Open sessions get shutdown_timeout to finish; then everything stops.
         auto deadline = std::chrono::steady_clock::now() + runtime->config()->proxy.shutdown_timeout;
         asio::steady_timer timer(main_context);
-        while (runtime->client_connections.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+        // Sessions without an open transaction end now; the others when theirs ends.
+        runtime->sessions().post_to_all([](ClientSession& session) { session.begin_shutdown(); });
+        while (runtime->sessions().size() > 0 && std::chrono::steady_clock::now() < deadline) {
             timer.expires_after(std::chrono::milliseconds(50));
             co_await timer.async_wait(asio::use_awaitable);
         }
@@ -174,6 +182,7 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
             }
             shutting_down = true;
             runtime->shutting_down = true;
+            notify_service_manager(kNotifyStopping);
             listener->stop_accepting();
             log::info("shutdown_started", {{"signal", signo == SIGINT ? "SIGINT" : "SIGTERM"},
                                            {"open_sessions", std::to_string(runtime->client_connections.load())}});

@@ -99,6 +99,21 @@ void ClientSession::set_state(SessionState state) {
     state_ = state;
 }
 
+void ClientSession::begin_shutdown() {
+    shutting_down_ = true;
+    end_if_quiet_for_shutdown();
+}
+
+void ClientSession::end_if_quiet_for_shutdown() {
+    // Quiet: nothing in flight and no transaction open. Waking the client loop makes
+    // it end the session with a goodbye to both sides.
+    if (!shutting_down_ || !interceptor_ || interceptor_->in_flight() > 0 ||
+        interceptor_->tx_state() != policy::TxState::kIdle)
+        return;
+    error_code ignored;
+    client_.socket().cancel(ignored);
+}
+
 std::string ClientSession::doom(const std::string& reason) {
     if (!interceptor_) return "the client is not logged in yet";
     return interceptor_->doom(reason);
@@ -262,6 +277,11 @@ awaitable<void> ClientSession::run() {
                                   {"database", database_}, {"application_name", application_name_},
                                   {"server_pid", std::to_string(server_->process_id)},
                                   {"tls", client_.is_tls() ? "true" : "false"}});
+    if (runtime_.shutting_down.load()) {
+        co_await send_fatal("57P01", "pgwarden: terminating connection because pgwarden is shutting down");
+        close_all();
+        co_return;
+    }
     interceptor_ = std::make_unique<Interceptor>(runtime_, id_, policy::ClientIdentity(startup_parameters_, peer_address_));
     startup_parameters_.clear();
     startup_parameters_.shrink_to_fit();
@@ -277,7 +297,17 @@ awaitable<void> ClientSession::run() {
     switch (why) {
         case End::kClientClosed: break;
         case End::kTerminated: reason = "terminate"; break;
-        case End::kServerClosed: reason = "server_closed"; break;
+        case End::kShutdown:
+            reason = "shutdown";
+            co_await send_fatal("57P01", "pgwarden: terminating connection because pgwarden is shutting down");
+            break;
+        case End::kServerClosed:
+            reason = "server_closed";
+            // A server that ends a session says why (FATAL); one that vanished did not.
+            if (!server_said_goodbye_)
+                co_await send_fatal("08006", "pgwarden: server closed the connection unexpectedly",
+                                    "The PostgreSQL backend terminated abnormally or the network failed.");
+            break;
         case End::kClientProtocolError:
             reason = "client_protocol_violation";
             metrics.protocol_errors.inc();
@@ -289,7 +319,7 @@ awaitable<void> ClientSession::run() {
             co_await send_fatal("08P01", "pgwarden: protocol violation from the server");
             break;
     }
-    if (why == End::kClientClosed || why == End::kClientProtocolError) {
+    if (why == End::kClientClosed || why == End::kClientProtocolError || why == End::kShutdown) {
         // Tell the server we are leaving, so it does not log an unexpected EOF.
         std::string bye;
         wire::append_terminate(bye);
@@ -628,11 +658,11 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             // Idle sessions hold no buffer: wait for data first, then take memory.
             client_buffer_.release_if_empty(true);
             co_await client_.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
-            if (ec) co_return End::kClientClosed;
+            if (ec) co_return shutting_down_ ? End::kShutdown : End::kClientClosed;
         }
         char* p = client_buffer_.prepare(want);
         std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec);
-        if (ec) co_return End::kClientClosed;
+        if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
         note_client_activity();
 
@@ -747,6 +777,11 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
                 co_return End::kServerProtocolError;
             }
             if (status == wire::FrameStatus::kPartial && server_message_needs_body(header.type)) break;
+            if (header.type == wire::be::kErrorResponse) {
+                auto fields = wire::parse_error_fields(rest.substr(wire::kHeaderSize, header.body_size()));
+                if (fields && (fields->severity() == "FATAL" || fields->severity() == "PANIC"))
+                    server_said_goodbye_ = true;
+            }
             Interceptor::ResponseStep step;
             if (Interceptor::observes(header.type))
                 step = interceptor.on_server_message(header.type, rest.substr(0, header.total_size()));
@@ -794,6 +829,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             scratch.clear();
             if (ec) co_return End::kClientClosed;
             arm_idle_timer();
+            end_if_quiet_for_shutdown();
         }
         sbuf.consume(consumed);
     }

@@ -49,10 +49,12 @@ public:
     nlohmann::json describe() const;
     // Dooms the current transaction (POST /api/clients/{id}/doom); "" on success, else why not.
     std::string doom(const std::string& reason);
+    // pgwarden is stopping: end the session as soon as no transaction is open.
+    void begin_shutdown();
 
 private:
     // Result of a relay loop: why it ended.
-    enum class End { kClientClosed, kServerClosed, kClientProtocolError, kServerProtocolError, kTerminated };
+    enum class End { kClientClosed, kServerClosed, kClientProtocolError, kServerProtocolError, kTerminated, kShutdown };
 
     awaitable<bool> startup();
     awaitable<std::optional<wire::StartupPacket>> read_startup_packet();
@@ -91,6 +93,9 @@ private:
     std::unique_ptr<ServerConnection> server_;
     SessionState state_ = SessionState::kStartup;
     bool counted_unauthenticated_ = false;
+    bool server_said_goodbye_ = false;  // a FATAL from the server was relayed
+    bool shutting_down_ = false;
+    void end_if_quiet_for_shutdown();
     std::int32_t client_secret_ = 0;
     std::string peer_address_;
     std::string user_, database_, application_name_;

@@ -705,6 +705,21 @@ void Interceptor::log_decision(const policy::Verdict& verdict, const policy::Sta
                                          {"statement", log::truncate_statement(sql)}});
 }
 
+void Interceptor::count_transaction_end(StatementKind kind, std::string_view message) {
+    if (kind != StatementKind::kCommit && kind != StatementKind::kRollback && kind != StatementKind::kPrepareTransaction)
+        return;
+    auto cc = wire::parse_command_complete(body_of(message));
+    if (!cc) return;
+    auto& m = metrics::proxy_metrics();
+    // COMMIT of a failed transaction is answered with ROLLBACK: it failed.
+    if (cc->tag == "COMMIT" || cc->tag == "PREPARE TRANSACTION")
+        m.transaction(metrics::TransactionOutcome::kCommit).inc();
+    else if (cc->tag == "ROLLBACK")
+        m.transaction(kind == StatementKind::kRollback ? metrics::TransactionOutcome::kRollback
+                                                       : metrics::TransactionOutcome::kFailed)
+            .inc();
+}
+
 void Interceptor::push(Pending pending) {
     const bool was_empty = queue_.empty();
     queue_.push_back(std::move(pending));
@@ -782,6 +797,7 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
                     step.action = ResponseStep::Action::kReplace;
                     wire::append_command_complete(step.replacement, plan.tag);
                 }
+                if (type == wire::be::kCommandComplete && !plan.hidden) count_transaction_end(plan.kind, message);
                 if (type != wire::be::kPortalSuspended && front.sent != policy::Clock::time_point{} && !plan.hidden) {
                     auto seconds = std::chrono::duration<double>(policy::Clock::now() - front.sent).count();
                     metrics::proxy_metrics().statement_duration.labels({policy::to_string(plan.kind)}).observe(seconds);

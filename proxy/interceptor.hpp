@@ -124,6 +124,7 @@ private:
     void log_decision(const policy::Verdict& verdict, const policy::StatementInfo& statement, std::string_view sql,
                       std::string_view client);
     char client_status() const;
+    void count_transaction_end(policy::StatementKind kind, std::string_view message);
 
     // Extended protocol: runs `sql` through reserved statement and portal names.
     void inject_extended(std::string& out, const std::string& sql, Plan plan);

@@ -42,6 +42,16 @@ nlohmann::json SessionDirectory::describe_all(std::chrono::milliseconds timeout)
     return out;
 }
 
+void SessionDirectory::post_to_all(std::function<void(ClientSession&)> action) const {
+    std::vector<std::shared_ptr<ClientSession>> live;
+    {
+        std::lock_guard lock(mutex_);
+        for (const auto& [id, weak] : sessions_)
+            if (auto s = weak.lock()) live.push_back(std::move(s));
+    }
+    for (auto& session : live) asio::post(session->executor(), [session, action] { action(*session); });
+}
+
 std::optional<std::string> SessionDirectory::run_on(std::uint64_t id,
                                                     std::function<std::string(ClientSession&)> action,
                                                     std::chrono::milliseconds timeout) const {

@@ -35,6 +35,9 @@ public:
     std::optional<std::string> run_on(std::uint64_t id, std::function<std::string(ClientSession&)> action,
                                       std::chrono::milliseconds timeout) const;
 
+    // Posts `action` to every live session's thread (no waiting).
+    void post_to_all(std::function<void(ClientSession&)> action) const;
+
 private:
     mutable std::mutex mutex_;
     std::unordered_map<std::uint64_t, std::weak_ptr<ClientSession>> sessions_;

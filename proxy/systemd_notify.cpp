@@ -78,7 +78,8 @@ std::string notify_reloading_message() {
 std::string notify_status_message(std::string_view text) {
     std::string message = "STATUS=";
     message.reserve(message.size() + text.size());
-    for (char c : text) message += (c == '\n' || c == '\r') ? ' ' : c;
+    for (char c : text)
+        message += (c == '\n' || c == '\r') ? ' ' : c;
     return message;
 }
 
@@ -108,7 +109,8 @@ NotifyResult send_service_notification(std::string_view socket_name, std::string
         sent = ::sendto(socket.get(), message.data(), message.size(), MSG_NOSIGNAL,
                         reinterpret_cast<const sockaddr*>(&address->address), address->length);
     } while (sent < 0 && errno == EINTR);
-    return sent == static_cast<ssize_t>(message.size()) ? NotifyResult::kSent : NotifyResult::kFailed;
+    return sent == static_cast<ssize_t>(message.size()) ? NotifyResult::kSent
+                                                        : NotifyResult::kFailed;
 }
 
 NotifyResult notify_service_manager(std::string_view message) {

@@ -8,7 +8,7 @@
 namespace pgwarden::proxy {
 
 // Messages from sd_notify(3). A message may hold several of them, one per line.
-inline constexpr std::string_view kNotifyReady = "READY=1";       // listeners accept connections
+inline constexpr std::string_view kNotifyReady = "READY=1";        // listeners accept connections
 inline constexpr std::string_view kNotifyStopping = "STOPPING=1";  // graceful shutdown began
 
 // "RELOADING=1" with MONOTONIC_USEC, the CLOCK_MONOTONIC time systemd 253+ needs to tell

@@ -93,3 +93,34 @@ def test_copy_from_stdin_with_a_bad_row(proxy, pg_server):
     assert pg_server.query_one("select count(*) from pgw_copy_bad") == 0
     with proxy.connect() as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def resident_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_slow_reader_gets_backpressure_not_buffering(proxy, pg_server):
+    """While the client stops reading a large COPY, the server must end up blocked on the
+    write (wait event ClientWrite) and pgwarden's memory must stay small."""
+    rss_before = resident_bytes(proxy.pid) if proxy.pid else 0
+    client = harness.psql_popen(proxy, "-c", "copy (select g, repeat('x', 1000) from generate_series(1, 500000) g)"
+                                " to stdout", env={"PGAPPNAME": "pgw_slow_reader"})
+    try:
+        assert len(client.stdout.read(1024 * 1024)) == 1024 * 1024
+        harness.wait_until(
+            lambda: pg_server.query_one("select wait_event from pg_stat_activity where application_name ="
+                                        " 'pgw_slow_reader'") == "ClientWrite",
+            20, "the server to block writing to a client that does not read")
+        if proxy.pid:
+            grown = resident_bytes(proxy.pid) - rss_before
+            assert grown < 64 * 1024 * 1024, f"pgwarden grew by {grown} bytes holding a stalled stream"
+    finally:
+        client.kill()
+        client.wait(timeout=5)
+        client.stdout.close()
+        client.stderr.close()
+    harness.wait_until(lambda: pg_server.client_backends("pgw_slow_reader") == 0, 10, "the stalled session to end")

@@ -1,0 +1,255 @@
+// Tests for [[rule]]: matching clients and statements, the four actions, rule order,
+// hits for metrics, and the per-client nesting override.
+#include <catch2/catch.hpp>
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "policy/classifier.hpp"
+#include "policy/config.hpp"
+#include "policy/identity.hpp"
+#include "policy/pipeline.hpp"
+#include "policy/rules.hpp"
+
+namespace {
+
+using pgwarden::policy::Classifier;
+using pgwarden::policy::ClassifyConfig;
+using pgwarden::policy::ClientIdentity;
+using pgwarden::policy::Match;
+using pgwarden::policy::NestingMode;
+using pgwarden::policy::Rule;
+using pgwarden::policy::RuleAction;
+using pgwarden::policy::RulePolicy;
+using pgwarden::policy::StatementContext;
+using pgwarden::policy::StatementInfo;
+using pgwarden::policy::TxState;
+using pgwarden::policy::Verdict;
+
+StatementInfo classify_one(std::string_view sql) {
+    static Classifier classifier{ClassifyConfig{}};
+    auto result = classifier.classify(sql);
+    REQUIRE(result->statements.size() == 1);
+    return result->statements.front();
+}
+
+Rule rule(std::string name, RuleAction action, Match match, std::string message = "") {
+    Rule r;
+    r.name = std::move(name);
+    r.action = action;
+    r.match = std::move(match);
+    r.message = std::move(message);
+    return r;
+}
+
+// One client, asking the policy about statements in a given transaction state.
+struct Client {
+    ClientIdentity identity{{{"user", "app"}, {"database", "shop"}, {"application_name", "web-1"}}, "10.1.2.3"};
+    std::string name = "tenant:42";
+
+    Verdict ask(RulePolicy& policy, std::string_view sql, TxState tx = TxState::kIdle) const {
+        StatementInfo statement = classify_one(sql);
+        StatementContext context{statement, sql, identity, name, tx};
+        return policy.before(context);
+    }
+};
+
+std::vector<std::string> hit_names(const Verdict& v) {
+    std::vector<std::string> names;
+    for (const auto& h : v.hits) names.push_back(h.rule);
+    return names;
+}
+
+}  // namespace
+
+TEST_CASE("rules: reject answers with the rule's SQLSTATE and message", "[rules]") {
+    Rule no_ddl = rule("no-ddl-from-web", RuleAction::kReject,
+                       {.application_name = {"web*"}, .statements = {"ddl", "truncate"}},
+                       "DDL is not allowed from web clients");
+    no_ddl.sqlstate = "42501";
+    RulePolicy policy({no_ddl});
+    Client web;
+
+    Verdict v = web.ask(policy, "DROP TABLE orders");
+    CHECK(v.rejects());
+    CHECK(v.error.sqlstate == "42501");
+    CHECK(v.error.message == "DDL is not allowed from web clients");
+    CHECK(v.policy == "rule");
+    CHECK(v.rule == "no-ddl-from-web");
+    REQUIRE(v.hits.size() == 1);
+    CHECK(v.hits[0].rule == "no-ddl-from-web");
+    CHECK(v.hits[0].action == RuleAction::kReject);
+    CHECK(web.ask(policy, "TRUNCATE orders").rejects());
+
+    // Other statements and other clients pass untouched.
+    Verdict select = web.ask(policy, "SELECT * FROM orders");
+    CHECK_FALSE(select.rejects());
+    CHECK(select.hits.empty());
+    CHECK(select.notices.empty());
+    Client worker;
+    worker.identity = ClientIdentity({{"user", "app"}, {"application_name", "worker"}}, "10.1.2.3");
+    Verdict other = worker.ask(policy, "DROP TABLE orders");
+    CHECK_FALSE(other.rejects());
+    CHECK(other.hits.empty());
+}
+
+TEST_CASE("rules: a rule without a message names itself", "[rules]") {
+    Rule r = rule("quiet", RuleAction::kReject, {.statements = {"delete"}});
+    r.sqlstate = "P0001";
+    RulePolicy policy({r});
+    Verdict v = Client().ask(policy, "DELETE FROM t");
+    REQUIRE(v.rejects());
+    CHECK(v.error.sqlstate == "P0001");
+    CHECK(v.error.message == "pgwarden: rule quiet");
+}
+
+TEST_CASE("rules: rules match the resolved client name and tables", "[rules]") {
+    RulePolicy policy({rule("tenant-audit", RuleAction::kReject, {.client = {"tenant:*"}, .tables = {"audit.*"}})});
+    Client tenant;
+    CHECK(tenant.ask(policy, "SELECT * FROM audit.log").rejects());
+    CHECK(tenant.ask(policy, "UPDATE audit.log SET x = 1").rejects());
+    CHECK_FALSE(tenant.ask(policy, "SELECT * FROM public.log").rejects());
+    Client admin;
+    admin.name = "admin";
+    CHECK_FALSE(admin.ask(policy, "SELECT * FROM audit.log").rejects());
+}
+
+TEST_CASE("rules: notice and log allow the statement and count a hit", "[rules]") {
+    RulePolicy policy({rule("warn-writes", RuleAction::kNotice, {.statements = {"write"}}, "writes are audited"),
+                       rule("log-deletes", RuleAction::kLog, {.statements = {"delete"}})});
+    Client c;
+
+    Verdict insert = c.ask(policy, "INSERT INTO t VALUES (1)");
+    CHECK_FALSE(insert.rejects());
+    CHECK(insert.action == Verdict::Action::kAllow);
+    REQUIRE(insert.notices.size() == 1);
+    CHECK(insert.notices[0].message == "writes are audited");
+    // A NOTICE carries 00000, as the server's own notices (RAISE NOTICE) do.
+    CHECK(insert.notices[0].sqlstate == "00000");
+    CHECK(hit_names(insert) == std::vector<std::string>{"warn-writes"});
+    CHECK(insert.hits[0].action == RuleAction::kNotice);
+    CHECK_FALSE(insert.doom_reason);
+
+    Verdict del = c.ask(policy, "DELETE FROM t");
+    CHECK_FALSE(del.rejects());
+    CHECK(del.notices.size() == 1);
+    CHECK(hit_names(del) == std::vector<std::string>{"warn-writes", "log-deletes"});
+    CHECK(del.hits[1].action == RuleAction::kLog);
+
+    Verdict select = c.ask(policy, "SELECT 1");
+    CHECK(select.hits.empty());
+    CHECK(select.notices.empty());
+}
+
+TEST_CASE("rules: doom marks an open transaction block only", "[rules]") {
+    RulePolicy policy({rule("doom-secrets", RuleAction::kDoom, {.tables = {"secrets"}})});
+    Client c;
+
+    Verdict in_block = c.ask(policy, "SELECT * FROM secrets", TxState::kInBlock);
+    CHECK_FALSE(in_block.rejects());
+    REQUIRE(in_block.doom_reason);
+    CHECK(*in_block.doom_reason == "rule");
+    CHECK(in_block.rule == "doom-secrets");
+    CHECK(hit_names(in_block) == std::vector<std::string>{"doom-secrets"});
+    CHECK(in_block.hits[0].action == RuleAction::kDoom);
+
+    // Outside a block there is nothing to doom (and an aborted one cannot commit anyway);
+    // the match still counts.
+    for (TxState tx : {TxState::kIdle, TxState::kFailed}) {
+        INFO(pgwarden::policy::to_string(tx));
+        Verdict v = c.ask(policy, "SELECT * FROM secrets", tx);
+        CHECK_FALSE(v.rejects());
+        CHECK_FALSE(v.doom_reason);
+        CHECK(hit_names(v) == std::vector<std::string>{"doom-secrets"});
+    }
+
+    CHECK_FALSE(c.ask(policy, "SELECT * FROM public_data", TxState::kInBlock).doom_reason);
+}
+
+TEST_CASE("rules: the first doom names the reason", "[rules]") {
+    RulePolicy policy({rule("first", RuleAction::kDoom, {.statements = {"update"}}),
+                       rule("second", RuleAction::kDoom, {.statements = {"write"}})});
+    Verdict v = Client().ask(policy, "UPDATE t SET a = 1", TxState::kInBlock);
+    REQUIRE(v.doom_reason);
+    CHECK(v.rule == "first");
+    CHECK(hit_names(v) == std::vector<std::string>{"first", "second"});
+}
+
+TEST_CASE("rules: the first reject wins, in file order", "[rules]") {
+    Rule specific = rule("no-drop-orders", RuleAction::kReject, {.tables = {"orders"}}, "orders stay");
+    specific.sqlstate = "42501";
+    Rule general = rule("no-ddl", RuleAction::kReject, {.statements = {"ddl"}}, "no DDL");
+    general.sqlstate = "0A000";
+    RulePolicy policy({rule("note", RuleAction::kNotice, {.statements = {"ddl"}}, "DDL seen"), specific, general});
+    Client c;
+
+    Verdict orders = c.ask(policy, "DROP TABLE orders");
+    REQUIRE(orders.rejects());
+    CHECK(orders.rule == "no-drop-orders");
+    CHECK(orders.error.sqlstate == "42501");
+    CHECK(orders.error.message == "orders stay");
+    // What matched before the deciding rule is kept: the client still gets the notice.
+    REQUIRE(orders.notices.size() == 1);
+    CHECK(orders.notices[0].message == "DDL seen");
+    REQUIRE(orders.hits.size() >= 2);
+    CHECK(orders.hits[0].rule == "note");
+    CHECK(orders.hits[1].rule == "no-drop-orders");
+
+    Verdict other = c.ask(policy, "DROP TABLE customers");
+    REQUIRE(other.rejects());
+    CHECK(other.rule == "no-ddl");
+    CHECK(other.error.sqlstate == "0A000");
+    CHECK(hit_names(other) == std::vector<std::string>{"note", "no-ddl"});
+}
+
+TEST_CASE("rules: a reject after a doom still rejects", "[rules]") {
+    RulePolicy policy({rule("doom-writes", RuleAction::kDoom, {.statements = {"write"}}),
+                       rule("no-delete", RuleAction::kReject, {.statements = {"delete"}}, "no deletes")});
+    Verdict v = Client().ask(policy, "DELETE FROM t", TxState::kInBlock);
+    REQUIRE(v.rejects());
+    CHECK(v.error.message == "no deletes");
+    CHECK(v.rule == "no-delete");
+    CHECK(hit_names(v) == std::vector<std::string>{"doom-writes", "no-delete"});
+}
+
+TEST_CASE("rules: no rules, no opinion", "[rules]") {
+    RulePolicy policy(std::vector<Rule>{});
+    Verdict v = Client().ask(policy, "DROP TABLE t", TxState::kInBlock);
+    CHECK(v.action == Verdict::Action::kAllow);
+    CHECK(v.hits.empty());
+    CHECK(v.notices.empty());
+    CHECK_FALSE(v.doom_reason);
+    CHECK_FALSE(v.delay_until);
+    CHECK(std::string(policy.name()) == "rule");
+}
+
+TEST_CASE("rules: a rule that only sets the nesting mode judges no statement", "[rules]") {
+    // Its action is the default (reject), which must not apply to everything the client sends.
+    Rule batch = rule("batch-flatten", RuleAction::kReject, {.user = {"batch"}});
+    batch.nesting = NestingMode::kFlatten;
+    RulePolicy policy({batch});
+    Client batch_client;
+    batch_client.identity = ClientIdentity({{"user", "batch"}}, "10.0.0.9");
+    Verdict v = batch_client.ask(policy, "DROP TABLE t", TxState::kInBlock);
+    CHECK_FALSE(v.rejects());
+    CHECK(v.hits.empty());
+}
+
+TEST_CASE("rules: nesting_override takes the first rule for the client", "[rules]") {
+    Rule flatten = rule("batch-flatten", RuleAction::kReject, {.user = {"batch"}});
+    flatten.nesting = NestingMode::kFlatten;
+    Rule savepoint = rule("tenants-savepoint", RuleAction::kReject, {.client = {"tenant:*"}});
+    savepoint.nesting = NestingMode::kSavepoint;
+    Rule plain = rule("no-ddl", RuleAction::kReject, {.statements = {"ddl"}});
+    RulePolicy policy({plain, flatten, savepoint});
+
+    ClientIdentity batch({{"user", "batch"}}, "");
+    ClientIdentity app({{"user", "app"}}, "");
+    CHECK(policy.nesting_override(batch, "tenant:1") == NestingMode::kFlatten);
+    CHECK(policy.nesting_override(app, "tenant:1") == NestingMode::kSavepoint);
+    CHECK(policy.nesting_override(app, "admin") == std::nullopt);
+    // Rules without `nesting` never override, even when they match the client.
+    CHECK(RulePolicy(std::vector<Rule>{plain}).nesting_override(app, "x") == std::nullopt);
+}
