@@ -525,6 +525,7 @@ struct Relation {
 // What a linear scan of a subtree finds, wherever it is nested.
 struct TreeFacts {
     bool modifies_data = false;         // INSERT/UPDATE/DELETE/MERGE below the top
+    std::uint32_t contained_writes = 0;  // bit per StatementKind of those
     bool select_into = false;           // SELECT ... INTO
     bool calls_write_function = false;  // one of [classify] write_functions
     bool row_locking = false;           // FOR UPDATE/SHARE/...
@@ -625,6 +626,11 @@ TreeFacts StatementAnalyzer::scan(std::uint32_t body) const {
         if (key == "InsertStmt"sv || key == "UpdateStmt"sv || key == "DeleteStmt"sv ||
             key == "MergeStmt"sv) {
             facts.modifies_data = true;
+            StatementKind k = key == "InsertStmt"sv   ? StatementKind::kInsert
+                              : key == "UpdateStmt"sv ? StatementKind::kUpdate
+                              : key == "DeleteStmt"sv ? StatementKind::kDelete
+                                                      : StatementKind::kMerge;
+            facts.contained_writes |= 1u << static_cast<unsigned>(k);
         } else if (key == "intoClause"sv) {
             facts.select_into = true;
         } else if (key == "lockingClause"sv) {
@@ -685,6 +691,7 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
         }
     }
     info.row_locking = facts.row_locking;
+    info.contained_writes = facts.contained_writes;
     const bool writes_below =
         facts.modifies_data || facts.select_into || facts.calls_write_function;
 
@@ -728,6 +735,14 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
         // not known here, so EXPLAIN ANALYZE EXECUTE counts as a write.
         info.is_write = analyze_option && (inner.is_write || !inner.execute_name.empty());
         info.row_locking = analyze_option && inner.row_locking;
+        if (analyze_option) {
+            // EXPLAIN ANALYZE runs its statement: rules on that statement's kind apply.
+            info.contained_writes = inner.contained_writes;
+            if (is_write_kind(inner.kind)) info.contained_writes |= 1u << static_cast<unsigned>(inner.kind);
+            info.execute_name = inner.execute_name;
+        } else {
+            info.contained_writes = 0;
+        }
     } else if (type == "PrepareStmt"sv) {
         const std::uint32_t query = tree_.member(body, "query");
         if (query != JsonTree::kNone) {

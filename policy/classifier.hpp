@@ -39,6 +39,9 @@ struct StatementInfo {
     std::uint32_t location = 0;  // byte offset of the statement in the query text
     std::uint32_t length = 0;    // byte length (to the end of the text for the last one)
     std::vector<std::string> tables;  // relations touched, "schema.name" or "name" as written
+    // Kinds of the data-modifying statements run inside this one (a writable WITH,
+    // EXPLAIN ANALYZE of a write, COPY (INSERT ... RETURNING) TO): one bit per StatementKind.
+    std::uint32_t contained_writes = 0;
 
     // Transaction control details.
     bool chain = false;               // COMMIT/ROLLBACK AND CHAIN
@@ -55,7 +58,7 @@ struct StatementInfo {
 
     // SQL-level prepared statements.
     std::string prepare_name;         // PREPARE name AS ...: kind/is_write are the inner statement's
-    std::string execute_name;         // EXECUTE name
+    std::string execute_name;         // EXECUTE name (also EXPLAIN ANALYZE EXECUTE name)
     std::string deallocate_name;      // DEALLOCATE name
     bool deallocate_all = false;
 

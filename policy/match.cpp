@@ -94,7 +94,8 @@ KindSet::KindSet(const std::vector<std::string>& names) {
 
 bool KindSet::matches(const StatementInfo& statement) const {
     if (writes_ && statement.is_write) return true;
-    return contains(statement.kind);
+    // A rule on "insert" also catches an INSERT inside a writable WITH or EXPLAIN ANALYZE.
+    return contains(statement.kind) || (bits_ & statement.contained_writes) != 0;
 }
 
 Matcher::Matcher(const Match& match) : match_(match), kinds_(match.statements) {

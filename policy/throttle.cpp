@@ -377,6 +377,10 @@ ThrottlePolicy::ThrottlePolicy(const std::vector<ThrottleRule>& rules, std::shar
 
 ThrottlePolicy::~ThrottlePolicy() = default;
 
+bool ThrottlePolicy::has_rule(std::string_view rule_name) const {
+    return std::any_of(rules_.begin(), rules_.end(), [&](const Compiled& c) { return c.rule.name == rule_name; });
+}
+
 static_assert(kStatementKindCount <= 32, "listed_kinds_ has a bit per statement kind");
 
 bool ThrottlePolicy::exempt(const StatementInfo& statement) const {

@@ -92,6 +92,8 @@ public:
 
     const char* name() const override { return "throttle"; }
     bool empty() const { return rules_.empty(); }
+    // Whether this configuration has a rule of that name (cheap, unlike describe()).
+    bool has_rule(std::string_view rule_name) const;
 
     Verdict before(const StatementContext& context) override;
     void after(const StatementContext& context, const Outcome& outcome) override;

@@ -136,7 +136,10 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
             return std::nullopt;
         };
         handlers.reload = reload;
-        handlers.throttles = [] { return nlohmann::json::array(); };
+        handlers.throttles = [&] {
+            auto policies = runtime->policies();
+            return policies->throttle ? policies->throttle->describe() : nlohmann::json::array();
+        };
         try {
             admin = std::make_unique<AdminServer>(main_context, config.admin, std::move(handlers));
             admin->start();

@@ -1,7 +1,10 @@
 // The client session: startup, authentication relay, and the two relay loops.
 #include "proxy/client_session.hpp"
 
+#include <sys/socket.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <array>
 #include <deque>
 #include <vector>
@@ -117,6 +120,31 @@ void ClientSession::end_if_quiet_for_shutdown() {
 std::string ClientSession::doom(const std::string& reason) {
     if (!interceptor_) return "the client is not logged in yet";
     return interceptor_->doom(reason);
+}
+
+awaitable<bool> ClientSession::wait_for_throttle(std::chrono::steady_clock::time_point until) {
+    // Waits in short slices so that a client that hangs up gives its place in the queue
+    // back at once, and a reload that removes the delaying rule lets the statement go.
+    constexpr auto kSlice = std::chrono::milliseconds(50);
+    asio::steady_timer timer(co_await asio::this_coro::executor);
+    auto generation = runtime_.generation();
+    error_code ec;
+    while (std::chrono::steady_clock::now() < until) {
+        timer.expires_at(std::min(until, std::chrono::steady_clock::now() + kSlice));
+        co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+        if (ec) co_return false;
+        char byte;
+        ssize_t peeked = ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (peeked == 0 || (peeked < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            log::info("throttle_waiter_left", {{"session", std::to_string(id_)}});
+            co_return false;
+        }
+        if (runtime_.generation() != generation) {
+            generation = runtime_.generation();
+            if (!runtime_.policies()->has_throttle(interceptor_->delaying_rule())) break;
+        }
+    }
+    co_return true;
 }
 
 void ClientSession::note_client_activity() {
@@ -705,9 +733,8 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
                 // Held back without blocking the thread: earlier messages go now, this one
                 // and everything after it wait.
                 if (!co_await flush()) co_return ec == asio::error::operation_aborted ? End::kClientClosed : End::kServerClosed;
-                asio::steady_timer timer(co_await asio::this_coro::executor, *step.delay_until);
-                co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-                if (ec) co_return End::kClientClosed;
+                if (!co_await wait_for_throttle(*step.delay_until)) co_return End::kClientClosed;
+                interceptor.delay_done();
                 data = client_buffer_.data();
                 rest = data.substr(consumed);
                 message = rest.substr(0, header.total_size());

@@ -82,6 +82,8 @@ private:
     // idle_timeout: armed whenever the client sits idle inside a transaction block.
     void arm_idle_timer();
     void note_client_activity();
+    // Holds a throttled statement until `until`; false when the client left meanwhile.
+    awaitable<bool> wait_for_throttle(std::chrono::steady_clock::time_point until);
     awaitable<void> roll_back_idle_transaction(std::uint64_t activity);
     void close_all();
 

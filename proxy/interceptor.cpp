@@ -59,7 +59,38 @@ Interceptor::Interceptor(Runtime& runtime, std::uint64_t session_id, policy::Cli
       session_id_(session_id),
       identity_(std::move(identity)) {}
 
-Interceptor::~Interceptor() = default;
+Interceptor::~Interceptor() {
+    // A session that ends while a statement waits gives its slot back at once.
+    for (auto& r : reservations_) r->release();
+}
+
+void Interceptor::note_throttle(const policy::Verdict& verdict, std::string_view sql) {
+    auto& m = metrics::proxy_metrics();
+    for (const auto& e : verdict.throttle_events) {
+        auto client = m.clients.label(e.client);
+        if (e.rejected) {
+            m.throttle_rejected.labels({e.rule, client}).inc();
+            log::warn("throttle_rejected", {{"session", std::to_string(session_id_)}, {"client", e.client},
+                                            {"rule", e.rule}, {"statement", log::truncate_statement(sql)}});
+        } else {
+            double seconds = std::chrono::duration<double>(e.delay).count();
+            m.throttle_delayed.labels({e.rule, client}).inc();
+            m.throttle_delay.labels({e.rule}).observe(seconds);
+            log::debug("throttle_delayed", {{"session", std::to_string(session_id_)}, {"client", e.client},
+                                            {"rule", e.rule}, {"seconds", std::to_string(seconds)}});
+        }
+    }
+    for (const auto& r : verdict.reservations) reservations_.push_back(r);
+    if (verdict.delay_until) delaying_rule_ = verdict.rule;
+}
+
+void Interceptor::attach_throttle(Plan& plan, const std::shared_ptr<const policy::Classification>& holder,
+                                  const policy::StatementInfo* statement, const std::string& client) {
+    plan.throttled_by = policies_;
+    plan.holder = holder;
+    plan.statement = statement;
+    plan.client = client;
+}
 
 bool Interceptor::observes(char type) {
     switch (type) {
@@ -193,6 +224,14 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
     auto classification = runtime_.classifier().classify(sql);
     const auto& statements = classification->statements;
     const TxState tx_at_start = tracker_.state();
+    const policy::TransactionTracker tracker_at_start = tracker_;
+    struct Candidate {
+        const policy::StatementInfo* statement;
+        std::string client;
+        std::string_view sql;
+        std::size_t plan;  // index into entry.plans
+    };
+    std::vector<Candidate> candidates;
     bool has_set = false;
     for (const auto& s : statements) has_set = has_set || s.kind == StatementKind::kSet;
     if (has_set && tx_at_start == TxState::kIdle) identity_at_query_start_ = identity_;
@@ -206,11 +245,16 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         Decision decision = decide(statement, original, false);
         if (decision.delay_until && (!step.delay_until || *decision.delay_until > *step.delay_until))
             step.delay_until = decision.delay_until;
+        if (decision.throttle_candidate && policies_->throttle)
+            candidates.push_back({decision.effective, decision.client, original, entry.plans.size()});
 
         if (decision.steps.empty() && !rewritten) {
             Plan plan;
             plan.kind = statement.kind;
             plan.before = std::move(decision.notices);
+            plan.prepared = std::move(decision.prepared);
+            plan.deallocated = std::move(decision.deallocated);
+            plan.deallocated_value = std::move(decision.deallocated_value);
             entry.plans.push_back(std::move(plan));
             server_work = true;
             continue;
@@ -226,7 +270,12 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         for (auto& s : decision.steps) {
             Plan plan;
             plan.kind = statement.kind;
-            if (first) plan.before = std::move(decision.notices);
+            if (first) {
+                plan.before = std::move(decision.notices);
+                plan.prepared = std::move(decision.prepared);
+                plan.deallocated = std::move(decision.deallocated);
+                plan.deallocated_value = std::move(decision.deallocated_value);
+            }
             first = false;
             auto add_sql = [&](std::string_view piece) {
                 if (!text.empty() && text.back() != ';') text += ";\n";
@@ -264,6 +313,41 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         }
     }
 
+    if (!candidates.empty()) {
+        // Throttles admit or reject the Query whole.
+        std::vector<policy::StatementContext> contexts;
+        contexts.reserve(candidates.size());
+        for (const auto& c : candidates)
+            contexts.push_back({*c.statement, c.sql, identity_, c.client, tx_at_start, tracker_.depth(), false,
+                                session_id_});
+        std::vector<const policy::StatementContext*> pointers;
+        for (const auto& c : contexts) pointers.push_back(&c);
+        policy::Verdict verdict = policies_->throttle->before_batch(pointers);
+        note_throttle(verdict, sql);
+        if (verdict.rejects()) {
+            // Nothing of it runs: the probe stands in for the whole Query.
+            tracker_ = tracker_at_start;
+            tracker_.on_error();
+            if (identity_at_query_start_) identity_ = *identity_at_query_start_;
+            Pending rejected;
+            rejected.kind = Pending::Kind::kQuery;
+            Plan plan;
+            plan.mode = Plan::Mode::kProbe;
+            plan.error = error_bytes({verdict.error.sqlstate, verdict.error.message, verdict.error.detail,
+                                      verdict.error.hint});
+            rejected.plans.push_back(std::move(plan));
+            ClientStep reject;
+            reject.action = ClientStep::Action::kReplace;
+            wire::append_query(reject.replacement, kProbeSql);
+            push(std::move(rejected));
+            return reject;
+        }
+        if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until))
+            step.delay_until = verdict.delay_until;
+        for (const auto& c : candidates)
+            if (c.plan < entry.plans.size() && entry.plans[c.plan].mode == Plan::Mode::kServer)
+                attach_throttle(entry.plans[c.plan], classification, c.statement, c.client);
+    }
     if (stopped && tracker_.state() == TxState::kIdle && tx_at_start == TxState::kIdle && identity_at_query_start_) {
         // The error rolls back the implicit transaction, and every SET it made.
         identity_ = *identity_at_query_start_;
@@ -390,12 +474,30 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         classification ? classification->statements.front() : unknown_statement();
     Decision decision = decide(statement, {}, true);
     step.delay_until = decision.delay_until;
+    Plan throttled;
+    if (decision.throttle_candidate && policies_->throttle) {
+        policy::StatementContext context{*decision.effective, {}, identity_, decision.client, tracker_.state(),
+                                         tracker_.depth(), true, session_id_};
+        policy::Verdict verdict = policies_->throttle->before(context);
+        note_throttle(verdict, {});
+        if (verdict.rejects()) {
+            tracker_.on_error();
+            ServerStep probe;
+            probe.type = ServerStep::Type::kProbe;
+            probe.error = {verdict.error.sqlstate, verdict.error.message, verdict.error.detail, verdict.error.hint};
+            decision.steps.assign(1, std::move(probe));
+        } else {
+            if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until))
+                step.delay_until = verdict.delay_until;
+            attach_throttle(throttled, classification, decision.effective, decision.client);
+        }
+    }
 
     if (decision.steps.empty()) {
         Pending entry;
         entry.kind = Pending::Kind::kExecute;
         entry.sent = policy::Clock::now();
-        Plan plan;
+        Plan plan = std::move(throttled);
         plan.kind = statement.kind;
         plan.before = std::move(decision.notices);
         entry.plans.push_back(std::move(plan));
@@ -460,15 +562,18 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
 
 Interceptor::ClientStep Interceptor::on_close(std::string_view message) {
     auto close = wire::parse_close(body_of(message));
-    if (close) {
-        std::string name(close->name);
-        if (close->target == 'S')
-            statements_.erase(name);
-        else
-            portals_.erase(name);
-    }
     Pending entry;
     entry.kind = Pending::Kind::kClose;
+    if (close) {
+        std::string name(close->name);
+        auto& map = close->target == 'S' ? statements_ : portals_;
+        if (auto it = map.find(name); it != map.end()) {
+            entry.name = name;
+            entry.closed_target = close->target;
+            entry.closed_value = it->second;
+            map.erase(it);
+        }
+    }
     push(std::move(entry));
     return {};
 }
@@ -481,6 +586,20 @@ Interceptor::ClientStep Interceptor::on_function_call() {
     ClientStep step;
     Decision decision = decide(call, {}, false);
     step.delay_until = decision.delay_until;
+    if (decision.throttle_candidate && policies_->throttle) {
+        policy::StatementContext context{call, {}, identity_, decision.client, tracker_.state(), tracker_.depth(),
+                                         false, session_id_};
+        policy::Verdict verdict = policies_->throttle->before(context);
+        note_throttle(verdict, {});
+        if (verdict.rejects()) {
+            ServerStep probe;
+            probe.type = ServerStep::Type::kProbe;
+            probe.error = {verdict.error.sqlstate, verdict.error.message, verdict.error.detail, verdict.error.hint};
+            decision.steps.assign(1, std::move(probe));
+        } else if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until)) {
+            step.delay_until = verdict.delay_until;
+        }
+    }
     Pending entry;
     entry.kind = Pending::Kind::kFunctionCall;
     entry.sent = policy::Clock::now();
@@ -507,6 +626,15 @@ Interceptor::ClientStep Interceptor::on_function_call() {
 Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, std::string_view sql, bool extended) {
     Decision decision;
     const policy::StatementInfo* statement = &input;
+    struct Candidate {
+        Decision& d;
+        ~Candidate() {
+            // Only what reaches the server as the client's own statement is throttled.
+            bool original = d.steps.empty();
+            for (const auto& s : d.steps) original = original || s.type == ServerStep::Type::kOriginal;
+            if (!original) d.throttle_candidate = false;
+        }
+    };
     // SQL-level EXECUTE runs a statement prepared earlier: judge what it runs.
     if (!input.execute_name.empty()) {
         auto it = statements_.find(input.execute_name);
@@ -516,6 +644,10 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     const bool prepare_only = !input.prepare_name.empty();
     std::string client = identity_.resolve(config_->identity, statement);
     count_statement(prepare_only ? unknown_statement() : *statement, client);
+    decision.effective = statement;
+    decision.client = client;
+    decision.throttle_candidate = !prepare_only;
+    Candidate candidate{decision};
     auto& m = metrics::proxy_metrics();
     const std::string session = std::to_string(session_id_);
 
@@ -595,6 +727,7 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
         probe.error = policy::Message{verdict.error.sqlstate, verdict.error.message, verdict.error.detail,
                                       verdict.error.hint};
         decision.steps.push_back(std::move(probe));
+        decision.throttle_candidate = false;
         return decision;
     }
     if (verdict.doom_reason && tracker_.doom(*verdict.doom_reason)) {
@@ -618,7 +751,7 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
         decision.steps.push_back(policy::ServerStep{ServerStep::Type::kSql, std::string(kReadOnlySql), "", true, {}});
         decision.steps.push_back(policy::ServerStep{});
     }
-    track_prepared(input);
+    track_prepared(input, decision);
     if (statement->kind == StatementKind::kSet || !input.prepare_name.empty() || !input.deallocate_name.empty() ||
         input.deallocate_all || statement->kind == StatementKind::kBegin || statement->kind == StatementKind::kCommit ||
         statement->kind == StatementKind::kRollback || statement->kind == StatementKind::kSavepoint ||
@@ -660,16 +793,32 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     return decision;
 }
 
-void Interceptor::track_prepared(const policy::StatementInfo& s) {
+void Interceptor::track_prepared(const policy::StatementInfo& s, Decision& decision) {
     if (!s.prepare_name.empty() && statements_.find(s.prepare_name) == statements_.end()) {
         // PREPARE shares the namespace of protocol-level statements.
         auto inner = std::make_shared<policy::Classification>();
         inner->statements.push_back(s);
         inner->statements.back().prepare_name.clear();
         statements_.emplace(s.prepare_name, std::move(inner));
+        decision.prepared = s.prepare_name;
     }
-    if (!s.deallocate_name.empty()) statements_.erase(s.deallocate_name);
+    if (!s.deallocate_name.empty()) {
+        if (auto it = statements_.find(s.deallocate_name); it != statements_.end()) {
+            decision.deallocated = s.deallocate_name;
+            decision.deallocated_value = it->second;
+            statements_.erase(it);
+        }
+    }
     if (s.deallocate_all) statements_.clear();
+}
+
+void Interceptor::undo_prepared(Pending& entry, std::size_t from) {
+    for (std::size_t i = from; i < entry.plans.size(); ++i) {
+        Plan& plan = entry.plans[i];
+        if (!plan.prepared.empty()) statements_.erase(plan.prepared);
+        if (!plan.deallocated.empty() && plan.deallocated_value)
+            statements_.emplace(plan.deallocated, plan.deallocated_value);
+    }
 }
 
 void Interceptor::count_statement(const policy::StatementInfo& statement, std::string_view client) {
@@ -798,6 +947,18 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
                     wire::append_command_complete(step.replacement, plan.tag);
                 }
                 if (type == wire::be::kCommandComplete && !plan.hidden) count_transaction_end(plan.kind, message);
+                if (plan.throttled_by && plan.statement && type == wire::be::kCommandComplete) {
+                    auto cc = wire::parse_command_complete(body_of(message));
+                    policy::Outcome outcome;
+                    if (cc) {
+                        outcome.command_tag = cc->tag;
+                        outcome.rows = wire::command_tag_rows(cc->tag);
+                    }
+                    policy::StatementContext context{*plan.statement, {}, identity_, plan.client, tracker_.state(),
+                                                     tracker_.depth(), front.kind == Pending::Kind::kExecute,
+                                                     session_id_};
+                    plan.throttled_by->throttle->after(context, outcome);
+                }
                 if (type != wire::be::kPortalSuspended && front.sent != policy::Clock::time_point{} && !plan.hidden) {
                     auto seconds = std::chrono::duration<double>(policy::Clock::now() - front.sent).count();
                     metrics::proxy_metrics().statement_duration.labels({policy::to_string(plan.kind)}).observe(seconds);
@@ -849,6 +1010,7 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
         case Pending::Kind::kQuery:
             replace_probe(front);
             front.failed = true;
+            undo_prepared(front, front.next);
             if (tracker_.state() == TxState::kIdle && identity_at_query_start_) {
                 identity_ = *identity_at_query_start_;
                 identity_at_query_start_.reset();
@@ -868,8 +1030,13 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
             queue_.pop_front();
             if (undo) statements_.erase(name);
             while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
-                if (queue_.front().kind == Pending::Kind::kParse && queue_.front().created)
-                    statements_.erase(queue_.front().name);
+                Pending& skipped = queue_.front();
+                if (skipped.kind == Pending::Kind::kParse && skipped.created) statements_.erase(skipped.name);
+                if (skipped.kind == Pending::Kind::kClose && skipped.closed_value) {
+                    // The server never ran this Close: what it named still exists.
+                    auto& map = skipped.closed_target == 'S' ? statements_ : portals_;
+                    map.emplace(skipped.name, skipped.closed_value);
+                }
                 queue_.pop_front();
             }
             return;
@@ -893,12 +1060,11 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
         TxState actual = ready->status == 'T'   ? TxState::kInBlock
                          : ready->status == 'E' ? TxState::kFailed
                                                 : TxState::kIdle;
-#ifndef NDEBUG
+        // pgwarden's prediction must agree with the server whenever nothing is in flight.
         if (!errors_in_flight_ && !tracker_.rolled_back_for_idle() && actual != tracker_.state())
             log::error("tx_state_mismatch", {{"session", std::to_string(session_id_)},
                                              {"predicted", policy::to_string(tracker_.state())},
                                              {"server", policy::to_string(actual)}});
-#endif
         if (actual == TxState::kIdle && tracker_.state() != TxState::kIdle) identity_.rollback_transaction();
         tracker_.on_ready_for_query(actual);
         errors_in_flight_ = false;

@@ -75,6 +75,12 @@ public:
     const policy::ClientIdentity& identity() const { return identity_; }
     std::size_t in_flight() const { return queue_.size(); }
 
+    // A delayed statement was forwarded (or dropped with its session): its throttle
+    // reservations are settled. The destructor releases any still held.
+    void delay_done() { reservations_.clear(); }
+    // The throttle rule that holds the current delay ("" when none).
+    const std::string& delaying_rule() const { return delaying_rule_; }
+
 private:
     // What pgwarden expects from the server for one statement of a Query (or one Execute).
     struct Plan {
@@ -85,6 +91,16 @@ private:
         std::string before;        // notices to send when the statement is reached
         std::string tag;           // kSynthetic: its CommandComplete; kServer: tag override
         std::string error;         // kProbe: replaces the server's error; kError: sent as is
+        // Prepared-statement bookkeeping done when the statement was sent, undone if the
+        // server never runs it (it failed, or an earlier statement did).
+        std::string prepared;
+        std::string deallocated;
+        std::shared_ptr<const policy::Classification> deallocated_value;
+        // Set when a row-cost throttle must see the outcome (after()).
+        std::shared_ptr<const Policies> throttled_by;
+        std::shared_ptr<const policy::Classification> holder;
+        const policy::StatementInfo* statement = nullptr;
+        std::string client;
     };
 
     // One message the server has yet to answer (or a synthesized answer in line).
@@ -100,6 +116,8 @@ private:
         std::vector<Plan> plans;   // kQuery, kExecute
         std::string name;          // kParse: statement name
         bool created = false;      // kParse: the name was new (undo on failure)
+        char closed_target = 0;    // kClose: what it closed, restored if the server skips it
+        std::shared_ptr<const policy::Classification> closed_value;
         std::string synthetic;     // kSynthetic: everything the client gets for it
         policy::Clock::time_point sent{};
     };
@@ -109,6 +127,13 @@ private:
         std::vector<policy::ServerStep> steps;  // empty: forward as sent
         std::string notices;                    // NoticeResponse bytes
         std::optional<policy::Clock::time_point> delay_until;
+        // For the throttle, which judges what will really be sent.
+        const policy::StatementInfo* effective = nullptr;
+        std::string client;
+        bool throttle_candidate = false;
+        std::string prepared;
+        std::string deallocated;
+        std::shared_ptr<const policy::Classification> deallocated_value;
     };
 
     ClientStep on_query(std::string_view sql);
@@ -119,8 +144,15 @@ private:
     ClientStep on_function_call();
 
     Decision decide(const policy::StatementInfo& statement, std::string_view sql, bool extended);
-    void track_prepared(const policy::StatementInfo& statement);
+    void track_prepared(const policy::StatementInfo& statement, Decision& decision);
+    // A Query failed at plan `from`: what it and later statements did to prepared
+    // statements did not happen.
+    void undo_prepared(Pending& entry, std::size_t from);
     void count_statement(const policy::StatementInfo& statement, std::string_view client);
+    // Counts and logs what a throttle decided; keeps its reservations.
+    void note_throttle(const policy::Verdict& verdict, std::string_view sql);
+    void attach_throttle(Plan& plan, const std::shared_ptr<const policy::Classification>& holder,
+                         const policy::StatementInfo* statement, const std::string& client);
     void log_decision(const policy::Verdict& verdict, const policy::StatementInfo& statement, std::string_view sql,
                       std::string_view client);
     char client_status() const;
@@ -151,6 +183,8 @@ private:
     std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> statements_;
     std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> portals_;
     std::optional<policy::ClientIdentity> identity_at_query_start_;
+    std::vector<std::shared_ptr<policy::Reservation>> reservations_;
+    std::string delaying_rule_;
 
     // Cached counters for pgwarden_statements_total: one per kind for the current client.
     std::string counted_client_;

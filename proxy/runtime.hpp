@@ -10,6 +10,7 @@
 #include "policy/config.hpp"
 #include "policy/pipeline.hpp"
 #include "policy/rules.hpp"
+#include "policy/throttle.hpp"
 #include "proxy/asio.hpp"
 #include "proxy/cancel_registry.hpp"
 #include "proxy/session_directory.hpp"
@@ -18,9 +19,13 @@ namespace pgwarden::proxy {
 
 // The policies built from one configuration; replaced whole on reload.
 struct Policies {
-    explicit Policies(const policy::Config& config);
-    policy::Pipeline pipeline;
+    Policies(const policy::Config& config, std::shared_ptr<policy::ThrottleState> throttle_state);
+    policy::Pipeline pipeline;  // rules: per statement
     std::shared_ptr<policy::RulePolicy> rules;
+    // Throttles judge a whole Query at once (admitted or rejected whole), so they run
+    // after the pipeline rather than in it. Null when no [[throttle]] is configured.
+    std::shared_ptr<policy::ThrottlePolicy> throttle;
+    bool has_throttle(const std::string& rule) const;
 };
 
 class Runtime {
@@ -40,6 +45,7 @@ public:
     CancelRegistry& cancels() { return cancels_; }
     SessionDirectory& sessions() { return sessions_; }
 
+    std::uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
     std::uint64_t next_session_id() { return next_session_id_.fetch_add(1, std::memory_order_relaxed); }
 
     std::atomic<int> client_connections{0};
@@ -49,6 +55,7 @@ public:
 
 private:
     std::atomic<std::shared_ptr<const policy::Config>> config_;
+    std::shared_ptr<policy::ThrottleState> throttle_state_ = std::make_shared<policy::ThrottleState>();
     std::atomic<std::shared_ptr<const Policies>> policies_;
     std::atomic<std::uint64_t> generation_{1};
     std::unique_ptr<asio::ssl::context> client_tls_;

@@ -398,6 +398,8 @@ TEST_CASE("a reload keeps buckets by rule name, caps them at the new burst, drop
         auto second = h.policy({rule("kept", 10, 10), rule("added", 1, 1)});
         const auto described = second->describe();
         CHECK(described.size() == 2);
+        CHECK(second->has_rule("added"));
+        CHECK_FALSE(second->has_rule("removed"));
         CHECK(rule_entry(described, "added")["bucket_count"] == 0);
         auto third = h.policy({rule("kept", 10, 10), rule("removed", 10, 10)});
         CHECK(rule_entry(third->describe(), "removed")["bucket_count"] == 0);

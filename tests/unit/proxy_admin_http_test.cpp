@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -69,27 +70,32 @@ struct FakeBackend {
 // An AdminServer on 127.0.0.1:0, served by one background thread.
 struct ServerFixture {
     explicit ServerFixture(std::string token = "", proxy::AdminLimits limits = {},
-                           proxy::AdminHandlers handlers = {})
+                           proxy::AdminHandlers handlers = {}, int threads = 1)
         : guard(asio::make_work_guard(io)),
           server(io, config_for(std::move(token)),
-                 handlers.metrics ? std::move(handlers) : backend.handlers(), limits) {
+                 handlers.metrics ? std::move(handlers) : backend.handlers(), limits),
+          running(threads) {
         server.start();
-        runner = std::thread([this] {
-            io.run();
-            ran_down.set_value();
-        });
+        for (int i = 0; i < threads; ++i) {
+            runners.emplace_back([this] {
+                io.run();
+                if (--running == 0) ran_down.set_value();
+            });
+        }
     }
 
     ~ServerFixture() { shut_down(); }
 
     // Stops the server; true when the io_context then ran out of work on its own.
     bool shut_down() {
-        if (!runner.joinable()) return true;
+        if (runners.empty()) return true;
         server.stop();
         guard.reset();
         const bool clean = ran_down.get_future().wait_for(kWait) == std::future_status::ready;
         if (!clean) io.stop();
-        runner.join();
+        for (auto& runner : runners)
+            runner.join();
+        runners.clear();
         return clean;
     }
 
@@ -106,8 +112,9 @@ struct ServerFixture {
     asio::io_context io;
     asio::executor_work_guard<asio::io_context::executor_type> guard;
     proxy::AdminServer server;
+    std::atomic<int> running;
     std::promise<void> ran_down;
-    std::thread runner;
+    std::vector<std::thread> runners;
 };
 
 // A blocking HTTP client: every call runs its own io_context until the operation ends or
@@ -514,4 +521,43 @@ TEST_CASE("a disabled admin listener does not listen") {
     proxy::AdminServer server(io, config, {});
     server.start();
     CHECK(server.local_endpoint().port() == 0);
+}
+
+TEST_CASE("many clients at once on a multi-threaded io_context") {
+    ServerFixture fixture("", {}, {}, 2);
+    constexpr int kClients = 8;
+    constexpr int kRequests = 20;
+    int ok = 0;
+    int failed = 0;
+    // The clients are coroutines on one io_context run by this thread, so the counters and
+    // Catch2 stay single-threaded; the stream deadlines bound every step.
+    auto client = [&]() -> asio::awaitable<void> {
+        try {
+            beast::tcp_stream stream(co_await asio::this_coro::executor);
+            stream.expires_after(kWait);
+            co_await stream.async_connect(fixture.endpoint(), asio::use_awaitable);
+            beast::flat_buffer buffer;
+            for (int i = 0; i < kRequests; ++i) {
+                http::request<http::string_body> request{http::verb::get, "/metrics", 11};
+                request.set(http::field::host, "x");
+                stream.expires_after(kWait);
+                co_await http::async_write(stream, request, asio::use_awaitable);
+                Response response;
+                co_await http::async_read(stream, buffer, response, asio::use_awaitable);
+                const bool good =
+                    response.result() == http::status::ok && response.body() == kMetricsPage;
+                ++(good ? ok : failed);
+            }
+        } catch (const std::exception&) {
+            ++failed;
+        }
+    };
+    asio::io_context io;
+    for (int c = 0; c < kClients; ++c)
+        asio::co_spawn(io, client(), asio::detached);
+    io.run();
+    CHECK(failed == 0);
+    CHECK(ok == kClients * kRequests);
+    CHECK(fixture.backend.metrics_calls == kClients * kRequests);
+    CHECK(fixture.shut_down());
 }
