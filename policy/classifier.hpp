@@ -35,6 +35,9 @@ struct StatementInfo {
     StatementKind kind = StatementKind::kOther;
     bool is_write = true;        // can change data (fails closed)
     bool parse_error = false;    // the parser rejected the text
+    // pgwarden cannot tell what runs (a portal or statement it could not track): every
+    // statement-kind and table condition of a rule or throttle counts as met.
+    bool unknown = false;
     bool row_locking = false;    // SELECT ... FOR UPDATE/SHARE/...
     std::uint32_t location = 0;  // byte offset of the statement in the query text
     std::uint32_t length = 0;    // byte length (to the end of the text for the last one)

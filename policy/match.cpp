@@ -93,6 +93,7 @@ KindSet::KindSet(const std::vector<std::string>& names) {
 }
 
 bool KindSet::matches(const StatementInfo& statement) const {
+    if (statement.unknown) return true;
     if (writes_ && statement.is_write) return true;
     // A rule on "insert" also catches an INSERT inside a writable WITH or EXPLAIN ANALYZE.
     return contains(statement.kind) || (bits_ & statement.contained_writes) != 0;
@@ -126,6 +127,7 @@ bool Matcher::matches_client(const ClientIdentity& identity, std::string_view cl
 bool Matcher::matches_statement(const StatementInfo& statement) const {
     if (!kinds_.empty() && !kinds_.matches(statement)) return false;
     if (!match_.tables.empty()) {
+        if (statement.unknown) return true;
         for (const auto& pattern : match_.tables)
             for (const auto& table : statement.tables)
                 if (table_matches(pattern, table)) return true;

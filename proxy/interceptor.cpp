@@ -42,7 +42,12 @@ std::string notice_bytes(const policy::Message& m) {
 std::string_view body_of(std::string_view message) { return message.substr(wire::kHeaderSize); }
 
 const policy::StatementInfo& unknown_statement() {
-    static const policy::StatementInfo unknown;  // kind other, is_write true: fail closed
+    // Kind other, a write, and matching every kind and table condition: fail closed.
+    static const policy::StatementInfo unknown = [] {
+        policy::StatementInfo s;
+        s.unknown = true;
+        return s;
+    }();
     return unknown;
 }
 
@@ -409,6 +414,13 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
     if (entry.name.empty()) {
         statements_[entry.name] = classification;
         entry.created = true;
+    } else if (closing_statements_.count(entry.name) > 0) {
+        // A Close of this name is in flight: if it runs, this Parse defines the name anew
+        // (and the Close must not remove it); if it was skipped, this Parse fails and the
+        // name is forgotten, so that what runs under it counts as unknown.
+        closing_statements_.erase(entry.name);
+        statements_[entry.name] = classification;
+        entry.created = true;
     } else if (statements_.find(entry.name) == statements_.end()) {
         // A named statement cannot be redefined (the server answers 42P05), so the old
         // classification stays for an existing name.
@@ -424,12 +436,14 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
     Pending entry;
     entry.kind = Pending::Kind::kBind;
     if (bind) {
-        auto it = statements_.find(std::string(bind->statement));
+        std::string name(bind->statement);
+        auto it = statements_.find(name);
         std::string portal(bind->portal);
-        if (it != statements_.end())
+        if (it != statements_.end() && closing_statements_.count(name) == 0)
             portals_[portal] = it->second;
         else
-            portals_.erase(portal);
+            portals_.erase(portal);  // unknown: fail closed at Execute
+        closing_portals_.erase(portal);
     }
     push(std::move(entry));
     return {};
@@ -460,7 +474,9 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     ClientStep step;
     std::shared_ptr<const policy::Classification> classification;
     if (execute) {
-        if (auto it = portals_.find(std::string(execute->portal)); it != portals_.end()) classification = it->second;
+        std::string portal(execute->portal);
+        if (auto it = portals_.find(portal); it != portals_.end() && closing_portals_.count(portal) == 0)
+            classification = it->second;
     }
     if (classification && classification->statements.empty()) {
         // An empty query: EmptyQueryResponse, nothing to decide.
@@ -565,14 +581,11 @@ Interceptor::ClientStep Interceptor::on_close(std::string_view message) {
     Pending entry;
     entry.kind = Pending::Kind::kClose;
     if (close) {
-        std::string name(close->name);
-        auto& map = close->target == 'S' ? statements_ : portals_;
-        if (auto it = map.find(name); it != map.end()) {
-            entry.name = name;
-            entry.closed_target = close->target;
-            entry.closed_value = it->second;
-            map.erase(it);
-        }
+        // Forgotten only when the server confirms: a Close skipped after an error
+        // leaves the statement in place. Meanwhile its uses count as unknown.
+        entry.name = std::string(close->name);
+        entry.closed_target = close->target;
+        ++(close->target == 'S' ? closing_statements_ : closing_portals_)[entry.name];
     }
     push(std::move(entry));
     return {};
@@ -979,7 +992,17 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
             if (front.kind == Pending::Kind::kBind) pop_front(step.emit_after);
             break;
         case wire::be::kCloseComplete:
-            if (front.kind == Pending::Kind::kClose) pop_front(step.emit_after);
+            if (front.kind == Pending::Kind::kClose) {
+                if (front.closed_target != 0) {
+                    auto& closing = front.closed_target == 'S' ? closing_statements_ : closing_portals_;
+                    auto& map = front.closed_target == 'S' ? statements_ : portals_;
+                    if (auto it = closing.find(front.name); it != closing.end()) {
+                        if (--it->second <= 0) closing.erase(it);
+                        map.erase(front.name);
+                    }
+                }
+                pop_front(step.emit_after);
+            }
             break;
         case wire::be::kNoData:
         case wire::be::kRowDescription:
@@ -1032,10 +1055,11 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
             while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
                 Pending& skipped = queue_.front();
                 if (skipped.kind == Pending::Kind::kParse && skipped.created) statements_.erase(skipped.name);
-                if (skipped.kind == Pending::Kind::kClose && skipped.closed_value) {
+                if (skipped.kind == Pending::Kind::kClose && skipped.closed_target != 0) {
                     // The server never ran this Close: what it named still exists.
-                    auto& map = skipped.closed_target == 'S' ? statements_ : portals_;
-                    map.emplace(skipped.name, skipped.closed_value);
+                    auto& closing = skipped.closed_target == 'S' ? closing_statements_ : closing_portals_;
+                    if (auto it = closing.find(skipped.name); it != closing.end() && --it->second <= 0)
+                        closing.erase(it);
                 }
                 queue_.pop_front();
             }

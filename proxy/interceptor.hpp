@@ -116,8 +116,7 @@ private:
         std::vector<Plan> plans;   // kQuery, kExecute
         std::string name;          // kParse: statement name
         bool created = false;      // kParse: the name was new (undo on failure)
-        char closed_target = 0;    // kClose: what it closed, restored if the server skips it
-        std::shared_ptr<const policy::Classification> closed_value;
+        char closed_target = 0;    // kClose: 'S' or 'P' (name in `name`)
         std::string synthetic;     // kSynthetic: everything the client gets for it
         policy::Clock::time_point sent{};
     };
@@ -182,6 +181,9 @@ private:
     std::string immediate_;
     std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> statements_;
     std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> portals_;
+    // Names with a Close in flight (count of Closes): uses of them count as unknown.
+    std::unordered_map<std::string, int> closing_statements_;
+    std::unordered_map<std::string, int> closing_portals_;
     std::optional<policy::ClientIdentity> identity_at_query_start_;
     std::vector<std::shared_ptr<policy::Reservation>> reservations_;
     std::string delaying_rule_;
