@@ -242,7 +242,15 @@ awaitable<void> serve_connection(std::shared_ptr<AdminServer::State> state,
         if (ec) {
             const auto status = status_for_read_error(ec);
             if (!status) {
-                if (ec == http::error::end_of_stream) co_await close_connection(stream, false);
+                if (ec == http::error::end_of_stream) {
+                    co_await close_connection(stream, false);
+                } else {
+                    // A timed-out or broken connection is closed here, not whenever the
+                    // last reference to it goes away.
+                    error_code ignored;
+                    stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
+                    stream.socket().close(ignored);
+                }
                 co_return;
             }
             Request failed;

@@ -22,7 +22,9 @@ import harness
 
 # How long one statement may take before a client counts as hung (pgwarden lost track of
 # what the server owes it). Every statement in these tests answers in milliseconds.
-STEP_TIMEOUT = 3.0
+STEP_TIMEOUT = 2.0
+# psql's first statement also waits for the process to start and connect.
+PSQL_START_TIMEOUT = 10.0
 
 # psycopg2 reports notices as text only; the SQLSTATEs PostgreSQL gives them.
 _PSYCOPG2_NOTICE_STATES = {
@@ -291,16 +293,16 @@ class PsqlSession(Session):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.buffer = b""
         # Connected once the first marker comes back.
-        self.run("SELECT 1")
+        self.run("SELECT 1", timeout=PSQL_START_TIMEOUT)
 
-    def _read_segment(self, sql: str) -> list[str]:
-        deadline = time.monotonic() + STEP_TIMEOUT
+    def _read_segment(self, sql: str, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
         while not re.search(rb"@@ [^\n]*\n", self.buffer):
             remaining = deadline - time.monotonic()
             ready = select.select([self.proc.stdout], [], [], max(0.0, remaining))[0] if remaining > 0 else []
             if not ready:
                 self.proc.kill()
-                raise AssertionError(f"psql: no complete answer to {sql!r} within {STEP_TIMEOUT}s; "
+                raise AssertionError(f"psql: no complete answer to {sql!r} within {timeout}s; "
                                      f"output so far: {self.buffer!r}")
             chunk = os.read(self.proc.stdout.fileno(), 65536)
             if not chunk:
@@ -312,11 +314,11 @@ class PsqlSession(Session):
         self.buffer = self.buffer[end + 1:]
         return segment
 
-    def run(self, sql: str) -> Outcome:
+    def run(self, sql: str, timeout: float = STEP_TIMEOUT) -> Outcome:
         assert "\n" not in sql
         self.proc.stdin.write(f"{sql};\n\\echo @@ :SQLSTATE\n".encode())
         self.proc.stdin.flush()
-        lines = self._read_segment(sql)
+        lines = self._read_segment(sql, timeout)
         sqlstate = lines.pop()[3:].strip()
         notices, rows = [], []
         for line in lines:
