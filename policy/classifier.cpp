@@ -1048,7 +1048,9 @@ std::shared_ptr<const Classification> Classifier::classify(std::string_view sql)
         }
     }
     ++misses_;
-    auto result = std::make_shared<const Classification>(classify_uncached(sql));
+    Classification fresh = classify_uncached(sql);
+    fresh.log_text = std::string(sql.substr(0, 200));
+    auto result = std::make_shared<const Classification>(std::move(fresh));
     if (cacheable) {
         lru_.emplace_front(std::string(sql), result);
         index_.emplace(lru_.front().first, lru_.begin());

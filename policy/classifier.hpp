@@ -73,6 +73,7 @@ struct StatementInfo {
 
 struct Classification {
     std::vector<StatementInfo> statements;  // in order; empty for an empty query
+    std::string log_text;                   // the first 200 bytes of the text, for logs
     bool any_write() const;
 };
 

@@ -189,6 +189,7 @@ TransactionDecision TransactionTracker::on_statement(const StatementInfo& s, std
                     d.steps.push_back(sql("RELEASE SAVEPOINT " + name, "", true));
                     --depth_;
                     if (state_ == TxState::kFailed) state_ = TxState::kInBlock;
+                    server_read_only_ = false;  // undone with the savepoint, if set inside it
                     return d;
                 }
                 --depth_;

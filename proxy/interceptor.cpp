@@ -453,19 +453,27 @@ void Interceptor::inject_extended(std::string& out, const std::string& sql, Plan
     wire::append_parse(out, kInjectName, sql);
     wire::append_bind(out, kInjectName, kInjectName);
     wire::append_execute(out, kInjectName);
+    // A named portal outlives its statement's Close: close both.
+    wire::append_close(out, 'P', kInjectName);
     wire::append_close(out, 'S', kInjectName);
-    Pending parse, bind, execute, close;
+    Pending parse, bind, execute, close_portal, close;
     parse.kind = Pending::Kind::kParse;
     parse.swallow = true;
     bind.kind = Pending::Kind::kBind;
     bind.swallow = true;
     execute.kind = Pending::Kind::kExecute;
+    // pgwarden's own statement: its notices (e.g. PostgreSQL's "skipping cleanup for
+    // portal" when it rolls back under a client portal) are not the client's business.
+    execute.swallow = true;  // its CommandComplete still reaches the client when the plan has a tag
     execute.plans.push_back(std::move(plan));
     close.kind = Pending::Kind::kClose;
     close.swallow = true;
+    close_portal.kind = Pending::Kind::kClose;
+    close_portal.swallow = true;
     push(std::move(parse));
     push(std::move(bind));
     push(std::move(execute));
+    push(std::move(close_portal));
     push(std::move(close));
 }
 
@@ -488,7 +496,8 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     }
     const policy::StatementInfo& statement =
         classification ? classification->statements.front() : unknown_statement();
-    Decision decision = decide(statement, {}, true);
+    std::string_view text = classification ? std::string_view(classification->log_text) : std::string_view{};
+    Decision decision = decide(statement, text, true);
     step.delay_until = decision.delay_until;
     Plan throttled;
     if (decision.throttle_candidate && policies_->throttle) {
@@ -666,7 +675,12 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
 
     // Transaction control first: nesting modes and doom decide on their own.
     auto mode = config_->transactions.nesting;
-    if (statement->kind == StatementKind::kBegin && tracker_.state() != TxState::kIdle && policies_->rules)
+    const bool transaction_control = statement->kind == StatementKind::kBegin ||
+                                     statement->kind == StatementKind::kCommit ||
+                                     statement->kind == StatementKind::kRollback ||
+                                     statement->kind == StatementKind::kPrepareTransaction;
+    // A rule's nesting mode governs the whole nest: BEGIN and the COMMIT/ROLLBACK that end it.
+    if (transaction_control && tracker_.state() != TxState::kIdle && policies_->rules)
         if (auto o = policies_->rules->nesting_override(identity_, client)) mode = *o;
     const TxState before = tracker_.state();
     const std::string outer = tracker_.outer_begin_statement();
@@ -761,8 +775,15 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
         // The server enforces the doom too, so that writes pgwarden cannot see (inside
         // functions) are refused as well: a transaction may turn read-only at any time.
         tracker_.set_server_read_only();
-        decision.steps.push_back(policy::ServerStep{ServerStep::Type::kSql, std::string(kReadOnlySql), "", true, {}});
-        decision.steps.push_back(policy::ServerStep{});
+        policy::ServerStep read_only{ServerStep::Type::kSql, std::string(kReadOnlySql), "", true, {}};
+        if (statement->kind == StatementKind::kRollbackTo) {
+            // ROLLBACK TO undoes a SET TRANSACTION made after the savepoint: say it again after.
+            decision.steps.push_back(policy::ServerStep{});
+            decision.steps.push_back(std::move(read_only));
+        } else {
+            decision.steps.push_back(std::move(read_only));
+            decision.steps.push_back(policy::ServerStep{});
+        }
     }
     track_prepared(input, decision);
     if (statement->kind == StatementKind::kSet || !input.prepare_name.empty() || !input.deallocate_name.empty() ||
@@ -1021,7 +1042,15 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
     errors_in_flight_ = true;
     tracker_.on_error();
     Pending& front = queue_.front();
-    if (front.swallow) step.action = ResponseStep::Action::kDrop;
+    // An injected statement that stands for a client's statement (it has a tag the
+    // client sees) reports its failure as that statement's.
+    const bool stands_for_client = front.kind == Pending::Kind::kExecute && !front.plans.empty() &&
+                                   !front.plans.front().hidden && !front.plans.front().tag.empty();
+    if (front.swallow && !stands_for_client) {
+        step.action = ResponseStep::Action::kDrop;
+        log::error("injected_statement_failed", {{"session", std::to_string(session_id_)}, {"sqlstate", sqlstate},
+                                                 {"message", fields ? fields->message() : std::string_view{}}});
+    }
     auto replace_probe = [&](Pending& entry) {
         if (entry.next < entry.plans.size() && entry.plans[entry.next].mode == Plan::Mode::kProbe &&
             sqlstate == kProbeSqlstate) {

@@ -140,9 +140,6 @@ class Outcome:
     notices: list[str] = field(default_factory=list)  # SQLSTATEs of notices and warnings
     message: str = ""            # the error's primary message
 
-    def brief(self) -> tuple:
-        return (self.result, self.status)
-
 
 class Session:
     """One client connection; `run` executes a statement and reports what the client saw."""
@@ -156,7 +153,7 @@ class Session:
         raise NotImplementedError
 
 
-class _Watchdog:
+class Watchdog:
     """Unblocks a client stuck in a libpq call after `timeout` seconds by shutting its socket
     down, so that a lost response fails the test instead of hanging it."""
 
@@ -177,7 +174,7 @@ class _Watchdog:
             except OSError:
                 pass
 
-    def __enter__(self) -> "_Watchdog":
+    def __enter__(self) -> "Watchdog":
         self.timer.start()
         return self
 
@@ -205,7 +202,7 @@ class PsycopgSession(Session):
         self.notices.clear()
         cur = self.conn.cursor()
         error: psycopg.Error | None = None
-        with _Watchdog(self.conn.fileno(), STEP_TIMEOUT) as dog:
+        with Watchdog(self.conn.fileno(), STEP_TIMEOUT) as dog:
             try:
                 if self.style == "pipeline":
                     with self.conn.pipeline():
@@ -247,7 +244,7 @@ class Psycopg2Session(Session):
         before = len(self.conn.notices)
         cur = self.conn.cursor()
         error: Exception | None = None
-        with _Watchdog(self.conn.fileno(), STEP_TIMEOUT) as dog:
+        with Watchdog(self.conn.fileno(), STEP_TIMEOUT) as dog:
             try:
                 cur.execute(sql)
             except psycopg2.Error as e:
@@ -347,7 +344,6 @@ class PsqlSession(Session):
 # The clients every nesting scenario runs with: two in the simple protocol, two in the
 # extended protocol (named prepared statements; pipeline mode with unnamed ones).
 CLIENTS = ["psql", "psycopg2", "psycopg-prepared", "psycopg-pipeline"]
-EXTENDED_CLIENTS = ["psycopg-prepared", "psycopg-pipeline"]
 
 
 def open_session(kind: str, target: harness.Target, application_name: str | None = None) -> Session:

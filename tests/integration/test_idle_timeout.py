@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 import harness
-from nesting_util import (Checkpoint, Step, committed_ids, committed_notes, config, create_table, log_events, metric, open_session,
-                          run_script, wait_for_events)
+from nesting_util import (Checkpoint, Step, committed_ids, committed_notes, config, create_table, log_events, metric,
+                          open_session, run_script, wait_for_events)
 
 pytestmark = pytest.mark.proxy_only
 
@@ -83,7 +83,7 @@ def test_idle_transaction_rolled_back_and_lock_released(pgwarden_factory, pg_ser
                                                         blocker_result):
     proxy = pgwarden_factory(config("warn", idle_timeout="1s"))
     session = open_session(client, proxy, application_name="idle-holder")
-    blocked = None
+    blocked = Blocked(proxy, blocker_sql)  # connected now, so that it queries at once later
     try:
         problems = run_script(session, [
             Step("BEGIN", "BEGIN", T_),
@@ -91,7 +91,7 @@ def test_idle_transaction_rolled_back_and_lock_released(pgwarden_factory, pg_ser
             Step(f"INSERT INTO {T} VALUES (2, 'idle')", "INSERT 0 1", T_),
         ], list)
         idle_since = time.monotonic()
-        blocked = Blocked(proxy, blocker_sql).start()
+        blocked.start()
         # It really waits on the idle transaction's lock (well before the timeout fires).
         harness.wait_until(lambda: waiting_on_lock(pg_server, "idle-waiter"), IDLE_TIMEOUT * 0.8,
                            "the second client to wait on the row lock", interval=0.02)
@@ -113,8 +113,7 @@ def test_idle_transaction_rolled_back_and_lock_released(pgwarden_factory, pg_ser
         ], list)
     finally:
         session.close()
-        if blocked is not None:
-            blocked.conn.close()
+        blocked.conn.close()
     assert problems == [], f"via {client}:\n" + "\n".join(problems)
     expected_first = "waiter" if blocker_sql.startswith("UPDATE") else "original"
     assert committed_notes(pg_server, table) == sorted([expected_first, "after"])

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 import harness
-from nesting_util import (CLIENTS, EXTENDED_CLIENTS, Checkpoint, Step, committed_ids, config, create_table,
+from nesting_util import (CLIENTS, STEP_TIMEOUT, Checkpoint, Step, Watchdog, committed_ids, config, create_table,
                           log_events, metric, open_session, run_script, wait_for_events)
 
 # Only warn mode is what PostgreSQL does by itself: with PGWARDEN_DIRECT=1 its scenarios run
@@ -337,20 +337,19 @@ def test_application_savepoints_inside_inner_scope(pgwarden_factory, pg_server, 
 def test_whole_script_in_one_pipeline(pgwarden_factory, pg_server, table, mode, expected):
     """A nested scope inside one pipelined batch (no Sync in between): the answers pgwarden
     makes up or rewrites arrive in order, each with the tag of what was sent."""
-    from nesting_util import STEP_TIMEOUT, _Watchdog
     proxy = pgwarden_factory(config(mode))
     statements = ["BEGIN", ins(1), "BEGIN", ins(2), "COMMIT", "BEGIN", ins(3), "COMMIT", "COMMIT"]
     tags = ["BEGIN", "INSERT 0 1", "BEGIN", "INSERT 0 1", "COMMIT", "BEGIN", "INSERT 0 1", "COMMIT", "COMMIT"]
     with proxy.connect() as conn:
         cursors = []
-        with _Watchdog(conn.fileno(), STEP_TIMEOUT) as dog:
+        with Watchdog(conn.fileno(), STEP_TIMEOUT) as dog:
             try:
                 with conn.pipeline():
                     for sql in statements:
                         cur = conn.cursor()
                         cur.execute(sql)
                         cursors.append(cur)
-            except psycopg.Error as e:
+            except psycopg.Error:
                 if not dog.fired:
                     raise
         assert not dog.fired, "the pipeline got no complete answer"
@@ -394,3 +393,35 @@ def test_rule_overrides_nesting_mode(pgwarden_factory, pg_server, table, client)
     assert metric(proxy, "pgwarden_nested_begin_total", client="web", mode="warn") == 1
     assert metric(proxy, "pgwarden_lint_findings_total", finding="early_commit") == 1
     assert metric(proxy, "pgwarden_lint_findings_total", finding="early_commit", client="web") == 1
+
+
+@proxy_only
+@pytest.mark.parametrize("mode,tags,status,committed", [
+    # After the early COMMIT the rest runs in the Query's implicit transaction, which the
+    # ROLLBACK does undo: 3 is lost, 1 and 2 are committed.
+    ("warn", ["BEGIN", "INSERT 0 1", "BEGIN", "INSERT 0 1", "COMMIT", "INSERT 0 1", "ROLLBACK"], I, [1, 2]),
+    ("reject", None, E, []),
+    ("flatten", ["BEGIN", "INSERT 0 1", "BEGIN", "INSERT 0 1", "COMMIT", "INSERT 0 1", "ROLLBACK"], I, []),
+    ("savepoint", ["BEGIN", "INSERT 0 1", "BEGIN", "INSERT 0 1", "COMMIT", "INSERT 0 1", "ROLLBACK"], I, []),
+])
+def test_nesting_in_one_multi_statement_query(pgwarden_factory, pg_server, table, mode, tags, status, committed):
+    """The whole nested scope in one simple Query: pgwarden rewrites part of it and answers
+    each statement in order."""
+    proxy = pgwarden_factory(config(mode))
+    with proxy.connect() as conn:
+        sql = f"BEGIN; {ins(1)}; BEGIN; {ins(2)}; COMMIT; {ins(3)}; ROLLBACK"
+        if tags is None:
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute(sql)
+            assert info.value.sqlstate == "25001"
+        else:
+            cur = conn.execute(sql)
+            seen = [cur.statusmessage]
+            while cur.nextset():
+                seen.append(cur.statusmessage)
+            assert seen == tags
+        assert conn.info.transaction_status.name == status
+        if status == E:
+            conn.execute("ROLLBACK")
+    assert committed_ids(pg_server, table) == committed
+    assert metric(proxy, "pgwarden_nested_begin_total", mode=mode) == 1
