@@ -1,5 +1,6 @@
 // What classifying one statement costs, cached and uncached, for a pgbench-like OLTP mix
 // with varying literals. Prints ns/statement; not a test. Build with -DCMAKE_BUILD_TYPE=Release.
+#include "tests/bench/cpu_timing.hpp"
 #include <pg_query.h>
 
 #include <time.h>
@@ -83,23 +84,6 @@ std::vector<const std::string*> make_mix(const std::vector<Category>& categories
     return mix;
 }
 
-// CPU time of this thread, so that other processes on a busy machine count less.
-double thread_cpu_ns() {
-    timespec now{};
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
-    return static_cast<double>(now.tv_sec) * 1e9 + static_cast<double>(now.tv_nsec);
-}
-
-double best_ns_per_call(std::size_t calls, const std::function<void()>& run) {
-    double best = 1e300;
-    for (int repeat = 0; repeat < kRepeats; ++repeat) {
-        const double start = thread_cpu_ns();
-        run();
-        best = std::min(best, (thread_cpu_ns() - start) / static_cast<double>(calls));
-    }
-    return best;
-}
-
 std::size_t sink = 0;  // keeps results observable so nothing is optimized away
 
 }  // namespace
@@ -115,21 +99,21 @@ int main() {
     std::printf("classifier cost per statement (thread CPU time, best of %d runs)\n\n", kRepeats);
     std::printf("%-34s %12s\n", "uncached (cache_entries = 0)", "ns/stmt");
     for (const Category& category : categories) {
-        const double ns = best_ns_per_call(category.texts.size(), [&] {
+        const double ns = pgwarden::bench::best_ns_per_call(category.texts.size(), [&] {
             for (const std::string& text : category.texts) {
                 sink += uncached.classify(text)->statements.size();
             }
         });
         std::printf("  %-32s %12.0f\n", category.name, ns);
     }
-    const double uncached_mix = best_ns_per_call(mix.size(), [&] {
+    const double uncached_mix = pgwarden::bench::best_ns_per_call(mix.size(), [&] {
         for (const std::string* text : mix)
             sink += uncached.classify(*text)->statements.size();
     });
     std::printf("  %-32s %12.0f\n", "OLTP mix", uncached_mix);
 
     // Through the default cache: only the texts that repeat exactly (BEGIN/END) hit.
-    const double default_mix = best_ns_per_call(mix.size(), [&] {
+    const double default_mix = pgwarden::bench::best_ns_per_call(mix.size(), [&] {
         Classifier classifier{ClassifyConfig{}};
         for (const std::string* text : mix) {
             sink += classifier.classify(*text)->statements.size();
@@ -146,7 +130,7 @@ int main() {
     Classifier cached{ClassifyConfig{}};
     for (const std::string* text : repeated)
         cached.classify(*text);
-    const double hit = best_ns_per_call(repeated.size(), [&] {
+    const double hit = pgwarden::bench::best_ns_per_call(repeated.size(), [&] {
         for (const std::string* text : repeated)
             sink += cached.classify(*text)->statements.size();
     });
@@ -157,21 +141,21 @@ int main() {
     // Reference points for the design: the parser alone, and the parser with a general JSON
     // DOM (nlohmann) in place of the classifier's flat reader.
     const auto& selects = categories[2].texts;
-    const double parse_only = best_ns_per_call(selects.size(), [&] {
+    const double parse_only = pgwarden::bench::best_ns_per_call(selects.size(), [&] {
         for (const std::string& text : selects) {
             const PgQueryParseResult result = pg_query_parse(text.c_str());
             sink += result.parse_tree != nullptr;
             pg_query_free_parse_result(result);
         }
     });
-    const double parse_dom = best_ns_per_call(selects.size(), [&] {
+    const double parse_dom = pgwarden::bench::best_ns_per_call(selects.size(), [&] {
         for (const std::string& text : selects) {
             const PgQueryParseResult result = pg_query_parse(text.c_str());
             sink += nlohmann::json::parse(result.parse_tree).size();
             pg_query_free_parse_result(result);
         }
     });
-    const double parse_protobuf = best_ns_per_call(selects.size(), [&] {
+    const double parse_protobuf = pgwarden::bench::best_ns_per_call(selects.size(), [&] {
         for (const std::string& text : selects) {
             const PgQueryProtobufParseResult result = pg_query_parse_protobuf(text.c_str());
             sink += result.parse_tree.len;

@@ -1,6 +1,7 @@
 // What the throttle policy costs per statement with 1, 10 and 20 rules, when they all match
 // and when none does. Prints ns/statement; not a test. Build with -DCMAKE_BUILD_TYPE=Release.
 // Usage: bench_throttle [CLIENTS] (distinct client names, default 1000).
+#include "tests/bench/cpu_timing.hpp"
 #include <time.h>
 
 #include <algorithm>
@@ -22,23 +23,6 @@ constexpr int kRepeats = 5;  // best of: the machine is shared, the minimum is t
 constexpr std::size_t kStatements = 200'000;
 // Distinct client names: with many, bucket lookups miss the CPU cache now and then.
 int clients = 1000;
-
-// CPU time of this thread, so that other processes on a busy machine count less.
-double thread_cpu_ns() {
-    timespec now{};
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
-    return static_cast<double>(now.tv_sec) * 1e9 + static_cast<double>(now.tv_nsec);
-}
-
-double best_ns_per_call(std::size_t calls, const std::function<void()>& run) {
-    double best = 1e300;
-    for (int repeat = 0; repeat < kRepeats; ++repeat) {
-        const double start = thread_cpu_ns();
-        run();
-        best = std::min(best, (thread_cpu_ns() - start) / static_cast<double>(calls));
-    }
-    return best;
-}
 
 std::size_t sink = 0;  // keeps results observable so nothing is optimized away
 
@@ -104,7 +88,7 @@ int main(int argc, char** argv) {
             const bool reads = m == 3;  // SELECTs, which the rules (writes only) do not count
             ThrottlePolicy policy(make_rules(count, matching[m]), std::make_shared<ThrottleState>());
             workload.run(policy, kStatements, 0, reads);  // warm up: creates the buckets
-            ns[m] = best_ns_per_call(kStatements, [&] { workload.run(policy, kStatements, 0, reads); });
+            ns[m] = pgwarden::bench::best_ns_per_call(kStatements, [&] { workload.run(policy, kStatements, 0, reads); });
         }
         std::printf("%-8d %16.0f %16.0f %16.0f %16.0f\n", count, ns[0], ns[1], ns[2], ns[3]);
     }
@@ -117,7 +101,7 @@ int main(int argc, char** argv) {
         std::vector<std::thread> running;
         for (int t = 0; t < threads; ++t)
             running.emplace_back([&, t] {
-                per_thread[static_cast<std::size_t>(t)] = best_ns_per_call(
+                per_thread[static_cast<std::size_t>(t)] = pgwarden::bench::best_ns_per_call(
                     kStatements, [&] { workload.run(policy, kStatements, static_cast<std::size_t>(t)); });
             });
         for (auto& thread : running) thread.join();
