@@ -250,7 +250,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         Decision decision = decide(statement, original, false);
         if (decision.delay_until && (!step.delay_until || *decision.delay_until > *step.delay_until))
             step.delay_until = decision.delay_until;
-        if (decision.throttle_candidate && policies_->throttle)
+        if (decision.throttle_candidate && (policies_->throttle || !policies_->pipeline.empty()))
             candidates.push_back({decision.effective, decision.client, original, entry.plans.size()});
 
         if (decision.steps.empty() && !rewritten) {
@@ -318,7 +318,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         }
     }
 
-    if (!candidates.empty()) {
+    if (!candidates.empty() && policies_->throttle) {
         // Throttles admit or reject the Query whole.
         std::vector<policy::StatementContext> contexts;
         contexts.reserve(candidates.size());
@@ -349,6 +349,12 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         }
         if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until))
             step.delay_until = verdict.delay_until;
+        for (const auto& c : candidates)
+            if (c.plan < entry.plans.size() && entry.plans[c.plan].mode == Plan::Mode::kServer)
+                attach_throttle(entry.plans[c.plan], classification, c.statement, c.client);
+    }
+    if (!candidates.empty() && !policies_->throttle) {
+        // The pipeline's after-execute hook sees each statement's outcome.
         for (const auto& c : candidates)
             if (c.plan < entry.plans.size() && entry.plans[c.plan].mode == Plan::Mode::kServer)
                 attach_throttle(entry.plans[c.plan], classification, c.statement, c.client);
@@ -500,6 +506,8 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     Decision decision = decide(statement, text, true);
     step.delay_until = decision.delay_until;
     Plan throttled;
+    if (decision.throttle_candidate && !policies_->throttle && !policies_->pipeline.empty())
+        attach_throttle(throttled, classification, decision.effective, decision.client);
     if (decision.throttle_candidate && policies_->throttle) {
         policy::StatementContext context{*decision.effective, {}, identity_, decision.client, tracker_.state(),
                                          tracker_.depth(), true, session_id_};
@@ -712,6 +720,21 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     if (tc.doomed_commit) {
         m.transaction(metrics::TransactionOutcome::kDoomedRollback).inc();
         log::warn("doomed_commit_rolled_back", {{"session", session}, {"client", client}});
+    }
+    if (before == TxState::kIdle && statement->is_write && !transaction_control) {
+        // Many autocommitted writes in a row, each soon after the last: probably one
+        // transaction was meant (and each write pays for its own commit).
+        auto now = policy::Clock::now();
+        if (autocommit_run_ > 0 && now - last_autocommit_write_ > kAutocommitRunGap) autocommit_run_ = 0;
+        last_autocommit_write_ = now;
+        if (++autocommit_run_ == kAutocommitRunLength) {
+            m.lint_findings.labels({"autocommit_write_run", m.clients.label(client)}).inc();
+            log::info("lint_autocommit_write_run", {{"session", session}, {"client", client},
+                                                    {"writes", std::to_string(kAutocommitRunLength)},
+                                                    {"statement", log::truncate_statement(sql)}});
+        }
+    } else if (statement->kind == StatementKind::kBegin || (before != TxState::kIdle)) {
+        autocommit_run_ = 0;
     }
     if (statement->row_locking && before == TxState::kIdle && statement->kind == StatementKind::kSelect) {
         // FOR UPDATE outside a block: the lock ends with the statement.
@@ -988,10 +1011,12 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
                         outcome.command_tag = cc->tag;
                         outcome.rows = wire::command_tag_rows(cc->tag);
                     }
+                    if (front.sent != policy::Clock::time_point{}) outcome.duration = policy::Clock::now() - front.sent;
                     policy::StatementContext context{*plan.statement, {}, identity_, plan.client, tracker_.state(),
                                                      tracker_.depth(), front.kind == Pending::Kind::kExecute,
                                                      session_id_};
-                    plan.throttled_by->throttle->after(context, outcome);
+                    if (plan.throttled_by->throttle) plan.throttled_by->throttle->after(context, outcome);
+                    plan.throttled_by->pipeline.after(context, outcome);
                 }
                 if (type != wire::be::kPortalSuspended && front.sent != policy::Clock::time_point{} && !plan.hidden) {
                     auto seconds = std::chrono::duration<double>(policy::Clock::now() - front.sent).count();

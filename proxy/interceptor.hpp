@@ -186,6 +186,11 @@ private:
     std::unordered_map<std::string, int> closing_portals_;
     std::optional<policy::ClientIdentity> identity_at_query_start_;
     std::vector<std::shared_ptr<policy::Reservation>> reservations_;
+    // Lint: consecutive autocommitted writes (a finding at kAutocommitRunLength, once per run).
+    static constexpr int kAutocommitRunLength = 20;
+    static constexpr auto kAutocommitRunGap = std::chrono::seconds(1);
+    int autocommit_run_ = 0;
+    policy::Clock::time_point last_autocommit_write_{};
     std::string delaying_rule_;
 
     // Cached counters for pgwarden_statements_total: one per kind for the current client.

@@ -189,7 +189,8 @@ def _status_name(value: int) -> str:
 class PsycopgSession(Session):
     """psycopg 3 in the extended protocol: `prepared` (named statements, prepare=True),
     `pipeline` (each statement in its own pipeline: Parse/Bind/Describe/Execute/Sync) or
-    `extended` (unnamed statement, binary results)."""
+    `extended` (unnamed statement, binary results). A plain execute() without parameters
+    would go as a simple Query, which psql and psycopg2 already cover."""
 
     def __init__(self, target: harness.Target, style: str, **conninfo: Any) -> None:
         self.name = f"psycopg-{style}"
