@@ -2,6 +2,8 @@
 // (startup options, SET, SET LOCAL, RESET), tracked with PostgreSQL's transactional
 // rules so that a rolled-back SET no longer names the client.
 #pragma once
+#include <atomic>
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
@@ -25,7 +27,14 @@ public:
     const std::string& database() const { return database_; }
     const std::string& application_name() const { return application_name_; }
     const std::string& address() const { return address_; }
-    void set_application_name(std::string value) { application_name_ = std::move(value); }
+    void set_application_name(std::string value) {
+        application_name_ = std::move(value);
+        match_version_ = next_match_version();
+    }
+    // Changes whenever user, database, application_name or address may have changed, and
+    // is never reused (copies share it until one of them changes): a rule-match result
+    // cached with it stays right while it is the same.
+    std::uint64_t match_version() const { return match_version_; }
 
     // The effective value of a setting ("" when unset), as the server would see it now.
     std::string_view setting(std::string_view name) const;
@@ -50,7 +59,12 @@ private:
         Settings session;
         Settings local;
     };
+    static std::uint64_t next_match_version() {
+        static std::atomic<std::uint64_t> counter{0};
+        return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+    }
     std::string user_, database_, application_name_, address_;
+    std::uint64_t match_version_ = next_match_version();
     Settings defaults_;   // from startup
     Settings session_;    // SET (session level), overrides defaults
     Settings local_;      // SET LOCAL, until the transaction ends

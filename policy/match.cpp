@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace pgwarden::policy {
@@ -26,6 +27,34 @@ bool glob_match(std::string_view pattern, std::string_view text) {
     }
     while (p < pattern.size() && pattern[p] == '*') ++p;
     return p == pattern.size();
+}
+
+Glob::Glob(std::string pattern) : pattern_(std::move(pattern)) {
+    const std::string_view p = pattern_;
+    const auto stars = std::count(p.begin(), p.end(), '*');
+    if (stars == 0) {
+        shape_ = Shape::kLiteral;
+        fixed_ = std::string(p);
+    } else if (p.find_first_not_of('*') == std::string_view::npos) {
+        shape_ = Shape::kAny;
+    } else if (stars == 1 && p.back() == '*') {
+        shape_ = Shape::kPrefix;
+        fixed_ = std::string(p.substr(0, p.size() - 1));
+    } else if (stars == 1 && p.front() == '*') {
+        shape_ = Shape::kSuffix;
+        fixed_ = std::string(p.substr(1));
+    }
+}
+
+bool Glob::matches(std::string_view text) const {
+    switch (shape_) {
+        case Shape::kAny: return true;
+        case Shape::kLiteral: return text == fixed_;
+        case Shape::kPrefix: return text.starts_with(fixed_);
+        case Shape::kSuffix: return text.ends_with(fixed_);
+        case Shape::kGeneral: break;
+    }
+    return glob_match(pattern_, text);
 }
 
 std::optional<Cidr> Cidr::parse(std::string_view text) {
@@ -102,20 +131,28 @@ bool KindSet::matches(const StatementInfo& statement) const {
 Matcher::Matcher(const Match& match) : match_(match), kinds_(match.statements) {
     for (const auto& a : match.address)
         if (auto c = Cidr::parse(a)) networks_.push_back(*c);
+    auto compile = [](const std::vector<std::string>& patterns, std::vector<Glob>& out) {
+        out.reserve(patterns.size());
+        for (const auto& p : patterns) out.emplace_back(p);
+    };
+    compile(match.user, user_);
+    compile(match.database, database_);
+    compile(match.application_name, application_name_);
+    compile(match.client, client_);
 }
 
-bool Matcher::any_glob(const std::vector<std::string>& patterns, std::string_view value) {
+bool Matcher::any_glob(const std::vector<Glob>& patterns, std::string_view value) {
     if (patterns.empty()) return true;
     for (const auto& p : patterns)
-        if (glob_match(p, value)) return true;
+        if (p.matches(value)) return true;
     return false;
 }
 
 bool Matcher::matches_client(const ClientIdentity& identity, std::string_view client) const {
-    if (!any_glob(match_.user, identity.user())) return false;
-    if (!any_glob(match_.database, identity.database())) return false;
-    if (!any_glob(match_.application_name, identity.application_name())) return false;
-    if (!any_glob(match_.client, client)) return false;
+    if (!any_glob(user_, identity.user())) return false;
+    if (!any_glob(database_, identity.database())) return false;
+    if (!any_glob(application_name_, identity.application_name())) return false;
+    if (!any_glob(client_, client)) return false;
     if (!match_.address.empty()) {
         bool inside = false;
         for (const auto& n : networks_) inside = inside || n.contains(identity.address());

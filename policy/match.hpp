@@ -18,6 +18,20 @@ namespace pgwarden::policy {
 // Shell-style match where '*' stands for any run of characters (and nothing else is special).
 bool glob_match(std::string_view pattern, std::string_view text);
 
+// A glob pattern compiled once: the shapes configs use (a literal, "*", "prefix*",
+// "*suffix") compare without the general matcher, which the rest fall back to.
+class Glob {
+public:
+    explicit Glob(std::string pattern);
+    bool matches(std::string_view text) const;
+
+private:
+    enum class Shape : std::uint8_t { kAny, kLiteral, kPrefix, kSuffix, kGeneral };
+    std::string pattern_;
+    std::string fixed_;  // kLiteral: the whole text; kPrefix/kSuffix: the part without '*'
+    Shape shape_ = Shape::kGeneral;
+};
+
 // An IPv4 or IPv6 network ("10.0.0.0/8", "::1/128", or a plain address).
 class Cidr {
 public:
@@ -55,8 +69,9 @@ public:
     bool matches_statement(const StatementInfo& statement) const;
 
 private:
-    static bool any_glob(const std::vector<std::string>& patterns, std::string_view value);
+    static bool any_glob(const std::vector<Glob>& patterns, std::string_view value);
     Match match_;
+    std::vector<Glob> user_, database_, application_name_, client_;
     std::vector<Cidr> networks_;
     KindSet kinds_;
 };

@@ -31,6 +31,17 @@ struct Message {
 };
 
 // Everything a policy may look at for one statement.
+// Which throttle rules take a session's client (user, database, application_name,
+// address and client name), remembered between its statements: a session keeps one and
+// passes it in its StatementContexts, and ThrottlePolicy refreshes it when any of those
+// or the configuration changed. Only ThrottlePolicy reads or writes it.
+struct ThrottleMatchCache {
+    std::uint64_t policy = 0;            // ThrottlePolicy serial (0: empty)
+    std::uint64_t identity_version = 0;  // ClientIdentity::match_version()
+    std::string client;
+    std::vector<std::uint32_t> rules;    // indexes of the rules whose match takes the client
+};
+
 struct StatementContext {
     const StatementInfo& statement;
     std::string_view sql;            // this statement's text
@@ -40,6 +51,7 @@ struct StatementContext {
     int nesting_depth = 0;           // nested BEGINs inside the current block
     bool extended_protocol = false;
     std::uint64_t session_id = 0;
+    ThrottleMatchCache* match_cache = nullptr;  // the session's, if it keeps one
 };
 
 // A rule that matched, for metrics and logs (pgwarden_rule_hits_total{rule,action}).

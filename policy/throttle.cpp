@@ -361,6 +361,8 @@ struct ThrottlePolicy::Demand {
 
 ThrottlePolicy::ThrottlePolicy(const std::vector<ThrottleRule>& rules, std::shared_ptr<ThrottleState> state)
     : state_(std::move(state)) {
+    static std::atomic<std::uint64_t> serials{0};
+    serial_ = serials.fetch_add(1, std::memory_order_relaxed) + 1;
     auto buckets = state_->adopt(rules);
     rules_.reserve(rules.size());
     for (std::size_t i = 0; i < rules.size(); ++i) {
@@ -389,17 +391,39 @@ bool ThrottlePolicy::exempt(const StatementInfo& statement) const {
     return !statement.is_write && (listed_kinds_ & (1u << static_cast<unsigned>(statement.kind))) == 0;
 }
 
+bool ThrottlePolicy::counts(const Compiled& rule, const StatementInfo& statement) const {
+    return rule.kinds.empty() ? statement.is_write : rule.kinds.matches(statement);
+}
+
 bool ThrottlePolicy::applies(const Compiled& rule, const StatementContext& context) const {
-    const bool counted = rule.kinds.empty() ? context.statement.is_write : rule.kinds.matches(context.statement);
-    return counted && rule.matcher.matches_client(context.identity, context.client);
+    return counts(rule, context.statement) && rule.matcher.matches_client(context.identity, context.client);
+}
+
+const std::vector<std::uint32_t>* ThrottlePolicy::matching_rules(const StatementContext& context) const {
+    ThrottleMatchCache* cache = context.match_cache;
+    if (!cache) return nullptr;
+    if (cache->policy != serial_ || cache->identity_version != context.identity.match_version() ||
+        cache->client != context.client) {
+        cache->rules.clear();
+        for (std::size_t i = 0; i < rules_.size(); ++i)
+            if (rules_[i].matcher.matches_client(context.identity, context.client))
+                cache->rules.push_back(static_cast<std::uint32_t>(i));
+        cache->policy = serial_;
+        cache->identity_version = context.identity.match_version();
+        cache->client.assign(context.client);
+    }
+    return &cache->rules;
 }
 
 void ThrottlePolicy::add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const {
     // Rules of one scope share the key: hash it once.
     std::array<std::optional<KeyView>, 4> keys;
-    for (std::size_t i = 0; i < rules_.size(); ++i) {
+    const std::vector<std::uint32_t>* cached = matching_rules(context);
+    const std::size_t candidates = cached ? cached->size() : rules_.size();
+    for (std::size_t n = 0; n < candidates; ++n) {
+        const std::size_t i = cached ? (*cached)[n] : n;
         const Compiled& rule = rules_[i];
-        if (!applies(rule, context)) continue;
+        if (cached ? !counts(rule, context.statement) : !applies(rule, context)) continue;
         auto& key = keys[static_cast<std::size_t>(rule.rule.bucket)];
         if (!key) {
             const std::string_view text = bucket_key(rule.rule.bucket, context);

@@ -116,10 +116,14 @@ private:
     struct Demand;
     bool exempt(const StatementInfo& statement) const;  // no rule can count it
     bool applies(const Compiled& rule, const StatementContext& context) const;
+    bool counts(const Compiled& rule, const StatementInfo& statement) const;
+    // The rules whose match takes the context's client, from its cache when it is current.
+    const std::vector<std::uint32_t>* matching_rules(const StatementContext& context) const;
     void add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const;
     Verdict admit(const std::vector<Demand>& demands);
 
     std::shared_ptr<ThrottleState> state_;
+    std::uint64_t serial_ = 0;  // unique per policy, for ThrottleMatchCache
     std::vector<Compiled> rules_;
     bool any_row_cost_ = false;
     std::uint32_t listed_kinds_ = 0;  // kinds some rule lists by name (bit per StatementKind)

@@ -69,14 +69,15 @@ Interceptor::~Interceptor() {
     for (auto& r : reservations_) r->release();
 }
 
-void Interceptor::note_throttle(const policy::Verdict& verdict, std::string_view sql) {
+void Interceptor::note_throttle(const policy::Verdict& verdict, std::string_view sql, StatementKind kind) {
     auto& m = metrics::proxy_metrics();
     for (const auto& e : verdict.throttle_events) {
         auto client = m.clients.label(e.client);
         if (e.rejected) {
             m.throttle_rejected.labels({e.rule, client}).inc();
             log::warn("throttle_rejected", {{"session", std::to_string(session_id_)}, {"client", e.client},
-                                            {"rule", e.rule}, {"statement", log::truncate_statement(sql)}});
+                                            {"rule", e.rule}, {"kind", policy::to_string(kind)},
+                                            {"statement", log::truncate_statement(sql)}});
         } else {
             double seconds = std::chrono::duration<double>(e.delay).count();
             m.throttle_delayed.labels({e.rule, client}).inc();
@@ -183,6 +184,7 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
             return {};
         }
         case wire::fe::kSync: {
+            probe_until_sync_ = false;
             Pending p;
             p.kind = Pending::Kind::kSync;
             push(std::move(p));
@@ -324,11 +326,12 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         contexts.reserve(candidates.size());
         for (const auto& c : candidates)
             contexts.push_back({*c.statement, c.sql, identity_, c.client, tx_at_start, tracker_.depth(), false,
-                                session_id_});
+                                session_id_, &throttle_matches_});
         std::vector<const policy::StatementContext*> pointers;
         for (const auto& c : contexts) pointers.push_back(&c);
         policy::Verdict verdict = policies_->throttle->before_batch(pointers);
-        note_throttle(verdict, sql);
+        // A batch logs as the kind of its first throttled statement.
+        note_throttle(verdict, sql, candidates.front().statement->kind);
         if (verdict.rejects()) {
             // Nothing of it runs: the probe stands in for the whole Query.
             tracker_ = tracker_at_start;
@@ -486,6 +489,15 @@ void Interceptor::inject_extended(std::string& out, const std::string& sql, Plan
 Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     auto execute = wire::parse_execute(body_of(message));
     ClientStep step;
+    if (probe_until_sync_) {
+        // A probe earlier in this batch fails on the server, which then skips everything
+        // up to Sync: this Execute will not run, so there is nothing to decide or charge.
+        Pending entry;
+        entry.kind = Pending::Kind::kExecute;
+        entry.plans.emplace_back();
+        push(std::move(entry));
+        return step;
+    }
     std::shared_ptr<const policy::Classification> classification;
     if (execute) {
         std::string portal(execute->portal);
@@ -510,9 +522,9 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         attach_throttle(throttled, classification, decision.effective, decision.client);
     if (decision.throttle_candidate && policies_->throttle) {
         policy::StatementContext context{*decision.effective, {}, identity_, decision.client, tracker_.state(),
-                                         tracker_.depth(), true, session_id_};
+                                         tracker_.depth(), true, session_id_, &throttle_matches_};
         policy::Verdict verdict = policies_->throttle->before(context);
-        note_throttle(verdict, {});
+        note_throttle(verdict, text, decision.effective->kind);
         if (verdict.rejects()) {
             tracker_.on_error();
             ServerStep probe;
@@ -577,6 +589,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
                 entry.kind = Pending::Kind::kExecute;
                 entry.plans.push_back(std::move(plan));
                 push(std::move(entry));
+                probe_until_sync_ = true;
                 return step;
             }
             case ServerStep::Type::kError: {
@@ -618,9 +631,9 @@ Interceptor::ClientStep Interceptor::on_function_call() {
     step.delay_until = decision.delay_until;
     if (decision.throttle_candidate && policies_->throttle) {
         policy::StatementContext context{call, {}, identity_, decision.client, tracker_.state(), tracker_.depth(),
-                                         false, session_id_};
+                                         false, session_id_, &throttle_matches_};
         policy::Verdict verdict = policies_->throttle->before(context);
-        note_throttle(verdict, {});
+        note_throttle(verdict, "<function call>", StatementKind::kCall);
         if (verdict.rejects()) {
             ServerStep probe;
             probe.type = ServerStep::Type::kProbe;
@@ -691,6 +704,9 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     if (transaction_control && tracker_.state() != TxState::kIdle && policies_->rules)
         if (auto o = policies_->rules->nesting_override(identity_, client)) mode = *o;
     const TxState before = tracker_.state();
+    // Inside a failed block the server refuses the statement (25P02) without running it:
+    // it costs no tokens and is no throttle's to reject.
+    if (before == TxState::kFailed) decision.throttle_candidate = false;
     const std::string outer = tracker_.outer_begin_statement();
     auto tc = tracker_.on_statement(prepare_only ? input : *statement, sql, mode);
     if (tc.nested_begin) {

@@ -149,7 +149,7 @@ private:
     void undo_prepared(Pending& entry, std::size_t from);
     void count_statement(const policy::StatementInfo& statement, std::string_view client);
     // Counts and logs what a throttle decided; keeps its reservations.
-    void note_throttle(const policy::Verdict& verdict, std::string_view sql);
+    void note_throttle(const policy::Verdict& verdict, std::string_view sql, policy::StatementKind kind);
     void attach_throttle(Plan& plan, const std::shared_ptr<const policy::Classification>& holder,
                          const policy::StatementInfo* statement, const std::string& client);
     void log_decision(const policy::Verdict& verdict, const policy::StatementInfo& statement, std::string_view sql,
@@ -177,6 +177,8 @@ private:
     policy::TransactionTracker tracker_;
     bool errors_in_flight_ = false;  // predictions may be off until the next quiescent 'Z'
     bool skip_until_sync_ = false;   // pgwarden answered an extended-protocol error itself
+    policy::ThrottleMatchCache throttle_matches_;  // which throttle rules take this client
+    bool probe_until_sync_ = false;  // a probe was sent in this batch: the server skips to Sync
     std::deque<Pending> queue_;
     std::string immediate_;
     std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> statements_;

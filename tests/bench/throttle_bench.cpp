@@ -47,6 +47,8 @@ std::vector<ThrottleRule> make_rules(int count, int matching, ThrottleBucket buc
 
 struct Workload {
     std::vector<ClientIdentity> identities;
+    // Each simulated session keeps its match cache, as pgwarden's sessions do.
+    mutable std::vector<ThrottleMatchCache> caches;
     std::vector<std::string> names;
     StatementInfo insert;
     StatementInfo select;
@@ -57,15 +59,18 @@ struct Workload {
                                     "10.0.0.1");
             names.push_back("tenant:" + std::to_string(i));
         }
+        caches.resize(identities.size());
         insert.kind = StatementKind::kInsert;
         insert.is_write = true;
         select.kind = StatementKind::kSelect;
         select.is_write = false;
     }
+    bool cached = true;
     void run(ThrottlePolicy& policy, std::size_t statements, std::size_t offset = 0, bool reads = false) const {
         for (std::size_t i = 0; i < statements; ++i) {
             const std::size_t c = (i * 7 + offset) % identities.size();
             StatementContext context{reads ? select : insert, "", identities[c], names[c]};
+            if (cached) context.match_cache = &caches[c];
             const Verdict verdict = policy.before(context);
             sink += verdict.delay_until.has_value() + verdict.rejects();
         }
@@ -76,10 +81,14 @@ struct Workload {
 
 int main(int argc, char** argv) {
     if (argc > 1) clients = std::max(1, std::atoi(argv[1]));
-    const Workload workload;
+    Workload workload;
     std::printf("throttle policy cost per statement (thread CPU time, best of %d runs, %zu statements,\n"
                 "%d clients, bucket = client, steady_clock)\n\n",
                 kRepeats, kStatements, clients);
+    for (const bool cached : {true, false}) {
+    workload.cached = cached;
+    std::printf("%s\n", cached ? "with the session's rule-match cache (as pgwarden runs):"
+                                : "\nwithout it (every rule's match checked per statement):");
     std::printf("%-8s %16s %16s %16s %16s\n", "rules", "all match", "one matches", "none match", "reads");
     for (const int count : {1, 10, 20}) {
         double ns[4];
@@ -91,6 +100,7 @@ int main(int argc, char** argv) {
             ns[m] = pgwarden::bench::best_ns_per_call(kStatements, [&] { workload.run(policy, kStatements, 0, reads); });
         }
         std::printf("%-8d %16.0f %16.0f %16.0f %16.0f\n", count, ns[0], ns[1], ns[2], ns[3]);
+    }
     }
 
     // Every client in one bucket (bucket = "rule"), from two threads at once: the cost of

@@ -75,8 +75,10 @@ void parse_frontend(char type, std::string_view message, std::string_view body) 
             break;
         case fe::kFunctionCall:
             if (const auto call = parse_function_call(body)) {
+                // Oid, format-code count, argument count and result format take 10
+                // bytes; each counted argument takes at least its 4-byte length.
                 require(call->arg_count >= 0);
-                require(body.size() >= 12 + std::size_t(call->arg_count) * 4);
+                require(body.size() >= 10 + std::size_t(call->arg_count) * 4);
             }
             break;
         case fe::kSync:

@@ -38,6 +38,16 @@ def direct_mode() -> bool:
     return os.environ.get("PGWARDEN_DIRECT", "") not in ("", "0")
 
 
+def sanitized() -> bool:
+    """True when pgwarden is the ASan/UBSan build (CTest sets PGWARDEN_SANITIZED=1)."""
+    return os.environ.get("PGWARDEN_SANITIZED", "") not in ("", "0")
+
+
+def scaled(normal: int, sanitized_count: int) -> int:
+    """A load size: `normal`, or the smaller `sanitized_count` under the sanitizers."""
+    return sanitized_count if sanitized() else normal
+
+
 def keep_temp_dirs() -> bool:
     return os.environ.get("PGWARDEN_KEEP_TMP", "") not in ("", "0")
 

@@ -399,3 +399,19 @@ TEST_CASE("match: statement kinds and tables", "[match]") {
     CHECK(writes.matches_statement(classify_one("INSERT INTO t VALUES (1)")));
     CHECK_FALSE(writes.matches_statement(classify_one("SELECT * FROM t")));
 }
+
+TEST_CASE("match: compiled globs agree with glob_match", "[match]") {
+    const std::vector<std::string> patterns = {"",      "*",     "**",    "web",  "web*",  "*web", "*:*",
+                                               "a*b*c", "tenant:*", "*ab", "a*b", "*aab", "w*b*"};
+    const std::vector<std::string> texts = {"",        "web",  "web1", "my-web", "tenant:42", "tenant",
+                                            "aXbYc",   "abc",  "acb",  "aab",    "aaaab",     "abXbc", "wb"};
+    for (const auto& p : patterns) {
+        const pgwarden::policy::Glob glob(p);
+        const pgwarden::policy::Glob copied = glob;  // copies keep working
+        for (const auto& t : texts) {
+            INFO(p << " ~ " << t);
+            CHECK(glob.matches(t) == glob_match(p, t));
+            CHECK(copied.matches(t) == glob_match(p, t));
+        }
+    }
+}

@@ -603,3 +603,50 @@ TEST_CASE("full buckets of clients gone quiet are forgotten", "[throttle]") {
     CHECK_FALSE(run(*policy, client("old:1")).rejects());
     CHECK(run(*policy, client("new:1")).rejects());
 }
+
+TEST_CASE("a session's rule-match cache follows identity, client and configuration changes", "[throttle]") {
+    auto state = std::make_shared<ThrottleState>();
+    ThrottleRule web;
+    web.name = "web";
+    web.match.application_name = {"web*"};
+    web.rate = 0.001;
+    web.burst = 1;
+    web.action = ThrottleAction::kReject;
+    ThrottleRule tenant = web;
+    tenant.name = "tenant";
+    tenant.match.application_name.clear();
+    tenant.match.client = {"tenant:1"};
+    ThrottlePolicy policy({web, tenant}, state);
+
+    StatementInfo insert;
+    insert.kind = StatementKind::kInsert;
+    insert.is_write = true;
+    ClientIdentity identity({{"user", "app"}, {"application_name", "batch"}}, "127.0.0.1");
+    ThrottleMatchCache cache;
+    auto write = [&](ThrottlePolicy& p, std::string_view client) {
+        StatementContext context{insert, "", identity, client};
+        context.match_cache = &cache;
+        return p.before(context);
+    };
+    // Neither rule takes "batch" / tenant:2.
+    CHECK_FALSE(write(policy, "tenant:2").rejects());
+    CHECK_FALSE(write(policy, "tenant:2").rejects());
+    // A new client name: the tenant rule now applies (one token, then rejections).
+    CHECK_FALSE(write(policy, "tenant:1").rejects());
+    CHECK(write(policy, "tenant:1").rule == "tenant");
+    // SET application_name: the web rule applies too.
+    identity.set_application_name("web-1");
+    CHECK_FALSE(write(policy, "tenant:2").rejects());
+    CHECK(write(policy, "tenant:2").rule == "web");
+    // A copy restored (as after a rolled-back SET) has the earlier version: re-checked.
+    ClientIdentity restored({{"user", "app"}, {"application_name", "batch"}}, "127.0.0.1");
+    identity = restored;
+    CHECK_FALSE(write(policy, "tenant:2").rejects());
+    // A reloaded policy with other rules does not use what the old one cached.
+    ThrottleRule none = web;
+    none.match.application_name = {"nobody"};
+    ThrottlePolicy reloaded({none}, state);
+    identity.set_application_name("web-1");
+    CHECK_FALSE(write(policy, "tenant:3").rejects());  // web takes tenant:3 (its one token)
+    CHECK_FALSE(write(reloaded, "tenant:3").rejects());
+}
