@@ -111,14 +111,58 @@ void append_sample(std::string& out, std::string_view name, std::string_view suf
 
 // --- exposition helpers ---
 
+namespace {
+
+// Length of the well-formed UTF-8 sequence at the start of `s`, or 0 when it is not one
+// (stray continuation byte, overlong form, surrogate, beyond U+10FFFF, cut short).
+std::size_t utf8_sequence_length(std::string_view s) {
+    const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(s[i]); };
+    const unsigned char b0 = byte(0);
+    if (b0 < 0x80) return 1;
+    std::size_t n;
+    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (b0 >= 0xC2 && b0 <= 0xDF) n = 2;
+    else if (b0 >= 0xE0 && b0 <= 0xEF) {
+        n = 3;
+        if (b0 == 0xE0) lo = 0xA0;
+        if (b0 == 0xED) hi = 0x9F;
+    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+        n = 4;
+        if (b0 == 0xF0) lo = 0x90;
+        if (b0 == 0xF4) hi = 0x8F;
+    } else
+        return 0;
+    if (s.size() < n || byte(1) < lo || byte(1) > hi) return 0;
+    for (std::size_t i = 2; i < n; ++i)
+        if ((byte(i) & 0xC0) != 0x80) return 0;
+    return n;
+}
+
+}  // namespace
+
 void append_escaped_label_value(std::string& out, std::string_view value) {
-    for (const char c : value) {
+    // Label values come from clients (names, application_name) and may be in any
+    // encoding; the exposition format requires UTF-8, and one bad byte makes Prometheus
+    // reject the whole scrape. Bytes that are not UTF-8 become U+FFFD.
+    while (!value.empty()) {
+        const char c = value.front();
         switch (c) {
             case '\\': out += "\\\\"; break;
             case '"': out += "\\\""; break;
             case '\n': out += "\\n"; break;
-            default: out += c;
+            default: {
+                const std::size_t n = utf8_sequence_length(value);
+                if (n == 0) {
+                    out += "\xEF\xBF\xBD";
+                    value.remove_prefix(1);
+                } else {
+                    out.append(value.substr(0, n));
+                    value.remove_prefix(n);
+                }
+                continue;
+            }
         }
+        value.remove_prefix(1);
     }
 }
 

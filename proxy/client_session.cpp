@@ -132,7 +132,7 @@ awaitable<bool> ClientSession::wait_for_throttle(std::chrono::steady_clock::time
     while (std::chrono::steady_clock::now() < until) {
         timer.expires_at(std::min(until, std::chrono::steady_clock::now() + kSlice));
         co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-        if (ec) co_return false;
+        if (ec || relay_stopping_) co_return false;
         char byte;
         ssize_t peeked = ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
         if (peeked == 0 || (peeked < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
@@ -221,6 +221,12 @@ awaitable<void> ClientSession::send_to_client(const std::string& bytes) {
     error_code ec;
     Deadline deadline(co_await asio::this_coro::executor, kFarewellTimeout, [this] { client_.close(); });
     co_await client_.write(asio::buffer(bytes), ec);
+}
+
+awaitable<void> ClientSession::reject_client_violation(const std::string& reason, const std::string& detail) {
+    log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_}, {"reason", reason}});
+    metrics::proxy_metrics().protocol_errors.inc();
+    co_await send_fatal("08P01", "pgwarden: protocol violation", detail);
 }
 
 awaitable<void> ClientSession::send_fatal(const std::string& sqlstate, const std::string& message,
@@ -367,10 +373,7 @@ awaitable<std::optional<wire::StartupPacket>> ClientSession::read_startup_packet
     if (ec) co_return std::nullopt;
     const std::uint32_t length = std::uint32_t(wire::Reader(std::string_view(length_bytes.data(), 4)).int32());
     if (length < wire::kMinStartupPacketLength || length > wire::kMaxStartupPacketLength) {
-        log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
-                                         {"reason", "invalid startup packet length"}});
-        metrics::proxy_metrics().protocol_errors.inc();
-        co_await send_fatal("08P01", "pgwarden: protocol violation", "invalid length of startup packet");
+        co_await reject_client_violation("invalid startup packet length", "invalid length of startup packet");
         co_return std::nullopt;
     }
     std::string packet(length, '\0');
@@ -379,10 +382,7 @@ awaitable<std::optional<wire::StartupPacket>> ClientSession::read_startup_packet
     if (ec) co_return std::nullopt;
     auto parsed = wire::parse_startup_packet(packet);
     if (!parsed) {
-        log::warn("protocol_violation", {{"session", std::to_string(id_)}, {"address", peer_address_},
-                                         {"reason", "malformed startup packet"}});
-        metrics::proxy_metrics().protocol_errors.inc();
-        co_await send_fatal("08P01", "pgwarden: protocol violation", "malformed startup packet");
+        co_await reject_client_violation("malformed startup packet", "malformed startup packet");
     }
     co_return parsed;
 }
@@ -395,7 +395,7 @@ awaitable<bool> ClientSession::startup() {
         if (!packet) co_return false;
         if (packet->kind == wire::StartupKind::kSslRequest) {
             if (negotiated_tls || client_.is_tls()) {
-                co_await send_fatal("08P01", "pgwarden: protocol violation", "duplicate SSLRequest");
+                co_await reject_client_violation("duplicate SSLRequest", "duplicate SSLRequest");
                 co_return false;
             }
             negotiated_tls = true;
@@ -418,7 +418,7 @@ awaitable<bool> ClientSession::startup() {
         }
         if (packet->kind == wire::StartupKind::kGssEncRequest) {
             if (negotiated_gss) {
-                co_await send_fatal("08P01", "pgwarden: protocol violation", "duplicate GSSENCRequest");
+                co_await reject_client_violation("duplicate GSSENCRequest", "duplicate GSSENCRequest");
                 co_return false;
             }
             negotiated_gss = true;
@@ -568,8 +568,8 @@ awaitable<bool> ClientSession::authenticate() {
         auto reply = co_await read_message(client_, client_buffer_, kMaxAuthMessageLength, violation);
         if (!reply || reply->type != wire::fe::kPassword) {
             if (violation || reply)
-                co_await send_fatal("08P01", "pgwarden: protocol violation",
-                                    "expected an authentication response message");
+                co_await reject_client_violation("bad authentication response",
+                                                 "expected an authentication response message");
             co_return false;
         }
         co_await server_->stream().write(asio::buffer(client_buffer_.data().data(), reply->total_size()), ec);
@@ -630,7 +630,15 @@ awaitable<ClientSession::End> ClientSession::relay() {
     auto finish = [this, join](End why) {
         if (!join->first) {
             join->first = why;
+            relay_stopping_ = true;
+            // cancel() only reaches an operation that is pending right now; the other
+            // direction may be between operations (writing, or about to wait again).
+            // Shutting down the receive side makes every later read or wait finish at
+            // once, so that direction cannot block on a peer that will never speak.
+            // Writes still work: the farewell messages go out after this.
             error_code ignored;
+            client_.socket().shutdown(tcp::socket::shutdown_receive, ignored);
+            server_->stream().socket().shutdown(tcp::socket::shutdown_receive, ignored);
             client_.socket().cancel(ignored);
             server_->stream().socket().cancel(ignored);
         }
@@ -677,6 +685,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
     };
 
     for (;;) {
+        if (relay_stopping_) co_return End::kClientClosed;  // the other direction ended
         std::size_t want = 1;
         wire::FrameHeader pending;
         if (streaming == 0 &&
@@ -689,7 +698,9 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             if (ec) co_return shutting_down_ ? End::kShutdown : End::kClientClosed;
         }
         char* p = client_buffer_.prepare(want);
+        if (relay_stopping_) co_return End::kClientClosed;
         std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec);
+        if (relay_stopping_) co_return End::kClientClosed;
         if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
         note_client_activity();
@@ -769,6 +780,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
     // Server messages are only bound by PostgreSQL's own limit: a huge DataRow is
     // streamed through, never buffered whole.
     for (;;) {
+        if (relay_stopping_) co_return End::kServerClosed;  // the other direction ended
         error_code ec;
         std::size_t want = 1;
         wire::FrameHeader pending;
@@ -781,8 +793,9 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             if (ec) co_return End::kServerClosed;
         }
         char* p = sbuf.prepare(want);
+        if (relay_stopping_) co_return End::kServerClosed;
         std::size_t n = co_await server.read_some(asio::buffer(p, sbuf.free_space()), ec);
-        if (ec) co_return End::kServerClosed;
+        if (ec || relay_stopping_) co_return End::kServerClosed;
         sbuf.commit(n);
 
         std::string_view data = sbuf.data();

@@ -78,6 +78,8 @@ private:
     }
     awaitable<void> send_fatal(const std::string& sqlstate, const std::string& message,
                                const std::string& detail = {});
+    // A client broke the protocol before the relay began: logged, counted, told (08P01).
+    awaitable<void> reject_client_violation(const std::string& reason, const std::string& detail);
     void set_state(SessionState state);
     // idle_timeout: armed whenever the client sits idle inside a transaction block.
     void arm_idle_timer();
@@ -96,6 +98,7 @@ private:
     SessionState state_ = SessionState::kStartup;
     bool counted_unauthenticated_ = false;
     bool server_said_goodbye_ = false;  // a FATAL from the server was relayed
+    bool relay_stopping_ = false;       // one relay direction ended; the other must stop too
     bool shutting_down_ = false;
     void end_if_quiet_for_shutdown();
     std::int32_t client_secret_ = 0;

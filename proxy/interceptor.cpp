@@ -285,7 +285,9 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
             }
             first = false;
             auto add_sql = [&](std::string_view piece) {
-                if (!text.empty() && text.back() != ';') text += ";\n";
+                // The newline first: the piece before may end in a line comment,
+                // which would swallow a separator written on the same line.
+                if (!text.empty()) text += "\n;\n";
                 text.append(piece);
                 server_work = true;
             };
@@ -411,6 +413,8 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         plan.mode = Plan::Mode::kProbe;
         plan.error = error_bytes({"54000", "pgwarden: statement too large",
                                   too_large_detail(parse->sql.size(), config_->proxy.max_statement_bytes), ""});
+        log::warn("statement_rejected", {{"session", std::to_string(session_id_)}, {"reason", "statement_too_large"},
+                                         {"bytes", std::to_string(parse->sql.size())}});
         entry.kind = Pending::Kind::kExecute;
         entry.plans.push_back(std::move(plan));
         step.action = ClientStep::Action::kReplace;

@@ -36,6 +36,24 @@ TEST_CASE("label values escape backslash, quote and newline") {
     CHECK(has_line(registry.render(), R"(app_temperature{room="a\\b\"c\nd"} 1.5)"));
 }
 
+TEST_CASE("label values that are not UTF-8 become U+FFFD, valid UTF-8 stays") {
+    Registry registry(ProcessMetrics::kExclude);
+    auto& family = registry.gauge("app_names", "n", {"client"});
+    family.labels({"bad\xFFname"}).set(1);         // stray byte (LATIN1 \u00ff)
+    family.labels({"caf\xC3\xA9"}).set(2);          // "cafe" with e-acute, well formed
+    family.labels({"cut\xE2\x82"}).set(3);          // three-byte sequence cut short
+    family.labels({"over\xC0\xAF"}).set(4);         // overlong '/'
+    family.labels({"sur\xED\xA0\x80"}).set(5);     // UTF-16 surrogate
+    family.labels({"emoji\xF0\x9F\x98\x80"}).set(6);
+    const std::string page = registry.render();
+    CHECK(has_line(page, "app_names{client=\"bad\xEF\xBF\xBDname\"} 1"));
+    CHECK(has_line(page, "app_names{client=\"caf\xC3\xA9\"} 2"));
+    CHECK(has_line(page, "app_names{client=\"cut\xEF\xBF\xBD\xEF\xBF\xBD\"} 3"));
+    CHECK(has_line(page, "app_names{client=\"over\xEF\xBF\xBD\xEF\xBF\xBD\"} 4"));
+    CHECK(has_line(page, "app_names{client=\"sur\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\"} 5"));
+    CHECK(has_line(page, "app_names{client=\"emoji\xF0\x9F\x98\x80\"} 6"));
+}
+
 TEST_CASE("help text escapes backslash and newline but not quotes") {
     Registry registry(ProcessMetrics::kExclude);
     registry.counter("app_x_total", "one\\two\nthree \"q\"", {});
