@@ -1036,27 +1036,213 @@ Classifier::Classifier(ClassifyConfig config) : config_(std::move(config)) {
 
 Classifier::~Classifier() = default;
 
-std::size_t Classifier::cache_size() const { return lru_.size(); }
+template <typename Value>
+const Value* Classifier::Lru<Value>::find(std::string_view key) {
+    const auto found = index_.find(key);
+    if (found == index_.end()) return nullptr;
+    entries_.splice(entries_.begin(), entries_, found->second);
+    return &found->second->second;
+}
+
+template <typename Value>
+void Classifier::Lru<Value>::insert(std::string key, Value value, std::size_t limit) {
+    if (limit == 0 || index_.contains(key)) return;
+    entries_.emplace_front(std::move(key), std::move(value));
+    index_.emplace(entries_.front().first, entries_.begin());
+    if (entries_.size() > limit) {
+        index_.erase(entries_.back().first);
+        entries_.pop_back();
+    }
+}
+
+namespace {
+
+bool is_identifier_char(char c) {
+    const auto u = static_cast<unsigned char>(c);
+    return (u >= 'a' && u <= 'z') || (u >= 'A' && u <= 'Z') || (u >= '0' && u <= '9') || u == '_' ||
+           u == '$' || u >= 0x80;
+}
+
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+// What one classification may stand for: a single INSERT/UPDATE/DELETE/MERGE/SELECT whose
+// details are keywords and names only. Excluded: SET (its value), PREPARE TRANSACTION (its
+// id), EXPLAIN (ANALYZE 0 and ANALYZE 1 differ), PREPARE/EXECUTE/DEALLOCATE, text the
+// parser rejected, and several statements (their offsets move with the constants).
+bool shape_can_stand_for_others(const Classification& c) {
+    if (c.statements.size() != 1) return false;
+    const StatementInfo& s = c.statements.front();
+    switch (s.kind) {
+        case StatementKind::kSelect:
+        case StatementKind::kInsert:
+        case StatementKind::kUpdate:
+        case StatementKind::kDelete:
+        case StatementKind::kMerge: break;
+        default: return false;
+    }
+    return !s.parse_error && !s.unknown && s.prepare_name.empty() && s.execute_name.empty() &&
+           s.deallocate_name.empty() && !s.deallocate_all && s.set_name.empty() && !s.set_value &&
+           !s.set_local && !s.reset_all && s.gid.empty() && s.savepoint.empty();
+}
+
+}  // namespace
+
+bool statement_shape(std::string_view sql, std::string& shape, std::size_t& first, std::size_t& last) {
+    // Follows PostgreSQL's scanner (standard_conforming_strings on, as libpg_query parses)
+    // only as far as it must to find constants; everything it is unsure of fails.
+    shape.clear();
+    shape.reserve(sql.size());
+    first = last = 0;
+    bool any = false;
+    const std::size_t n = sql.size();
+    std::size_t i = 0;
+    const auto constant = [&](std::size_t begin, std::size_t end, char type) {
+        if (!any) first = begin;
+        any = true;
+        last = end;
+        shape += '\0';  // never in a text that gets here: NUL fails below
+        shape += type;
+    };
+    while (i < n) {
+        const char c = sql[i];
+        const bool after_identifier = i > 0 && is_identifier_char(sql[i - 1]);
+        if (c == '\0') return false;
+        if (c == '\'') {
+            // E'..', B'..', X'..', N'..', U&'..': the prefix changes how the body reads.
+            if (after_identifier || (i > 0 && sql[i - 1] == '&')) return false;
+            std::size_t j = i + 1;
+            for (;; ++j) {
+                if (j >= n || sql[j] == '\0') return false;
+                if (sql[j] == '\'') {
+                    if (j + 1 < n && sql[j + 1] == '\'') {
+                        ++j;
+                        continue;
+                    }
+                    break;
+                }
+            }
+            constant(i, j + 1, 's');
+            i = j + 1;
+            continue;
+        }
+        if (c == '"') {  // quoted identifier: kept
+            std::size_t j = i + 1;
+            for (;; ++j) {
+                if (j >= n || sql[j] == '\0') return false;
+                if (sql[j] == '"') {
+                    if (j + 1 < n && sql[j + 1] == '"') {
+                        ++j;
+                        continue;
+                    }
+                    break;
+                }
+            }
+            shape.append(sql.substr(i, j + 1 - i));
+            i = j + 1;
+            continue;
+        }
+        if (c == '-' && i + 1 < n && sql[i + 1] == '-') {  // line comment: kept
+            std::size_t j = sql.find('\n', i);
+            j = j == std::string_view::npos ? n : j + 1;
+            const std::string_view comment = sql.substr(i, j - i);
+            if (comment.find('\0') != std::string_view::npos) return false;
+            shape.append(comment);
+            i = j;
+            continue;
+        }
+        if (c == '/' && i + 1 < n && sql[i + 1] == '*') {  // block comment, nesting: kept
+            std::size_t j = i;
+            int depth = 0;
+            do {
+                if (j + 1 >= n) return false;
+                if (sql[j] == '\0') return false;
+                if (sql[j] == '/' && sql[j + 1] == '*') {
+                    ++depth;
+                    j += 2;
+                } else if (sql[j] == '*' && sql[j + 1] == '/') {
+                    --depth;
+                    j += 2;
+                } else {
+                    ++j;
+                }
+            } while (depth > 0);
+            shape.append(sql.substr(i, j - i));
+            i = j;
+            continue;
+        }
+        if (c == '$' && !after_identifier) {
+            if (i + 1 >= n || !is_digit(sql[i + 1])) return false;  // a dollar quote
+            std::size_t j = i + 1;  // $n: a parameter, kept
+            while (j < n && is_digit(sql[j]))
+                ++j;
+            shape.append(sql.substr(i, j - i));
+            i = j;
+            continue;
+        }
+        if (!after_identifier && (is_digit(c) || (c == '.' && i + 1 < n && is_digit(sql[i + 1])))) {
+            std::size_t j = i;
+            while (j < n && is_digit(sql[j]))
+                ++j;
+            if (j < n && sql[j] == '.' && !(j + 1 < n && sql[j + 1] == '.')) {
+                ++j;
+                while (j < n && is_digit(sql[j]))
+                    ++j;
+            }
+            if (j < n && (sql[j] == 'e' || sql[j] == 'E')) {
+                std::size_t k = j + 1;
+                if (k < n && (sql[k] == '+' || sql[k] == '-')) ++k;
+                if (k < n && is_digit(sql[k])) {
+                    while (k < n && is_digit(sql[k]))
+                        ++k;
+                    j = k;
+                }
+            }
+            constant(i, j, 'n');
+            i = j;
+            continue;
+        }
+        shape += c;
+        ++i;
+    }
+    return any;
+}
 
 std::shared_ptr<const Classification> Classifier::classify(std::string_view sql) {
     const bool cacheable = config_.cache_entries > 0 && sql.size() <= kMaxCachedTextBytes;
     if (cacheable) {
-        if (const auto found = index_.find(sql); found != index_.end()) {
-            lru_.splice(lru_.begin(), lru_, found->second);
+        if (const auto* found = exact_.find(sql)) {
             ++hits_;
-            return found->second->second;
+            return *found;
         }
     }
     ++misses_;
+    std::size_t first_constant = 0, last_constant = 0;
+    const bool shaped = cacheable && statement_shape(sql, shape_, first_constant, last_constant);
+    if (shaped) {
+        if (const Template* found = shapes_.find(shape_)) {
+            // Offsets before the first constant and after the last are the same in every
+            // text of the shape; only the statement's length moves.
+            const StatementInfo& model = found->classification->statements.front();
+            Classification copy;
+            copy.statements.push_back(model);
+            copy.statements.front().length =
+                static_cast<std::uint32_t>(sql.size() - found->tail - model.location);
+            copy.log_text = std::string(sql.substr(0, 200));
+            ++shape_hits_;
+            return std::make_shared<const Classification>(std::move(copy));
+        }
+    }
     Classification fresh = classify_uncached(sql);
     fresh.log_text = std::string(sql.substr(0, 200));
     auto result = std::make_shared<const Classification>(std::move(fresh));
     if (cacheable) {
-        lru_.emplace_front(std::string(sql), result);
-        index_.emplace(lru_.front().first, lru_.begin());
-        if (lru_.size() > config_.cache_entries) {
-            index_.erase(lru_.back().first);
-            lru_.pop_back();
+        exact_.insert(std::string(sql), result, config_.cache_entries);
+        if (shaped && shape_can_stand_for_others(*result)) {
+            const StatementInfo& only = result->statements.front();
+            const std::size_t end = std::size_t{only.location} + only.length;
+            if (only.location <= first_constant && end >= last_constant && end <= sql.size())
+                shapes_.insert(shape_, Template{result, static_cast<std::uint32_t>(sql.size() - end)},
+                               config_.cache_entries);
         }
     }
     return result;

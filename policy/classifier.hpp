@@ -77,8 +77,19 @@ struct Classification {
     bool any_write() const;
 };
 
-// Classifies query strings; keeps the results of recent texts in a bounded LRU cache.
-// Not thread-safe: each proxy thread owns one.
+// The shape of a query text: the text with every plain string and numeric constant
+// replaced by a marker, everything else (keywords, identifiers, parameters, comments,
+// spaces) kept byte for byte. Two texts with one shape differ only in the values of their
+// constants. False when the text has something the shape cannot stand for safely
+// (escape-string or bit-string constants, dollar quotes, NULs, unterminated quotes or
+// comments) or no constant at all. `first`/`last` receive where the first constant begins
+// and the last one ends.
+bool statement_shape(std::string_view sql, std::string& shape, std::size_t& first, std::size_t& last);
+
+// Classifies query strings. Keeps the results of recent texts in a bounded LRU cache, and
+// a second one by shape (statement_shape) for single DML statements, whose classification
+// does not depend on the values of their constants: `SELECT ... WHERE aid = 17` is
+// classified once, not once per value. Not thread-safe: each proxy thread owns one.
 class Classifier {
 public:
     explicit Classifier(ClassifyConfig config);
@@ -86,18 +97,39 @@ public:
 
     std::shared_ptr<const Classification> classify(std::string_view sql);
 
-    std::size_t cache_size() const;
+    std::size_t cache_size() const { return exact_.size(); }
     std::uint64_t cache_hits() const { return hits_; }
-    std::uint64_t cache_misses() const { return misses_; }
+    std::uint64_t cache_misses() const { return misses_; }  // shape hits included
+    std::uint64_t shape_hits() const { return shape_hits_; }
 
 private:
     Classification classify_uncached(std::string_view sql) const;
 
+    // A classification stands for every text of one shape, with `tail` bytes (the ';' and
+    // what follows it) after its one statement.
+    struct Template {
+        std::shared_ptr<const Classification> classification;
+        std::uint32_t tail = 0;
+    };
+    // Bounded LRU from text to value.
+    template <typename Value>
+    class Lru {
+    public:
+        const Value* find(std::string_view key);
+        void insert(std::string key, Value value, std::size_t limit);
+        std::size_t size() const { return entries_.size(); }
+
+    private:
+        using Entry = std::pair<std::string, Value>;
+        std::list<Entry> entries_;
+        std::unordered_map<std::string_view, typename std::list<Entry>::iterator> index_;
+    };
+
     ClassifyConfig config_;
-    using Entry = std::pair<std::string, std::shared_ptr<const Classification>>;
-    std::list<Entry> lru_;
-    std::unordered_map<std::string_view, std::list<Entry>::iterator> index_;
-    std::uint64_t hits_ = 0, misses_ = 0;
+    Lru<std::shared_ptr<const Classification>> exact_;
+    Lru<Template> shapes_;
+    std::string shape_;  // scratch for the current text's shape
+    std::uint64_t hits_ = 0, misses_ = 0, shape_hits_ = 0;
 };
 
 // sqlcommenter tags of a comment body ("client='tenant:42',route='%2Fhome'"):

@@ -16,6 +16,7 @@ using pgwarden::policy::Classifier;
 using pgwarden::policy::ClassifyConfig;
 using pgwarden::policy::StatementInfo;
 using pgwarden::policy::StatementKind;
+using pgwarden::policy::statement_shape;
 using K = StatementKind;
 
 struct Case {
@@ -546,18 +547,18 @@ TEST_CASE("classifier: the cache returns shared results and stays bounded", "[cl
         ClassifyConfig config;
         config.cache_entries = 2;
         Classifier classifier(config);
-        const auto a = classifier.classify("SELECT 'a'");
+        const auto a = classifier.classify("SELECT a");
         CHECK(classifier.cache_misses() == 1);
-        CHECK(classifier.classify("SELECT 'a'") == a);
+        CHECK(classifier.classify("SELECT a") == a);
         CHECK(classifier.cache_hits() == 1);
-        classifier.classify("SELECT 'b'");
-        CHECK(classifier.classify("SELECT 'a'") == a);  // now 'a' is the most recent
-        classifier.classify("SELECT 'c'");              // evicts 'b'
+        classifier.classify("SELECT b");
+        CHECK(classifier.classify("SELECT a") == a);  // now a is the most recent
+        classifier.classify("SELECT c");              // evicts b
         CHECK(classifier.cache_size() == 2);
         CHECK(classifier.cache_misses() == 3);
-        CHECK(classifier.classify("SELECT 'a'") == a);
+        CHECK(classifier.classify("SELECT a") == a);
         CHECK(classifier.cache_hits() == 3);
-        classifier.classify("SELECT 'b'");
+        classifier.classify("SELECT b");
         CHECK(classifier.cache_misses() == 4);
         CHECK(classifier.cache_size() == 2);
     }
@@ -574,12 +575,12 @@ TEST_CASE("classifier: the cache returns shared results and stays bounded", "[cl
         config.cache_entries = 10;
         Classifier classifier(config);
         for (int i = 0; i < 100; ++i) {
-            classifier.classify("SELECT " + std::to_string(i));
+            classifier.classify("SELECT c" + std::to_string(i));  // names: 100 shapes
             CHECK(classifier.cache_size() <= 10);
         }
         CHECK(classifier.cache_size() == 10);
         CHECK(classifier.cache_misses() == 100);
-        classifier.classify("SELECT 95");
+        classifier.classify("SELECT c95");
         CHECK(classifier.cache_hits() == 1);
     }
     SECTION("0 entries disables the cache") {
@@ -643,4 +644,104 @@ TEST_CASE("classifier: one classifier per thread, at the same time", "[classifie
         thread.join();
     CHECK(mismatches[0] == 0);
     CHECK(mismatches[1] == 0);
+}
+
+namespace {
+
+bool same_info(const StatementInfo& a, const StatementInfo& b) {
+    return a.kind == b.kind && a.is_write == b.is_write && a.parse_error == b.parse_error &&
+           a.unknown == b.unknown && a.row_locking == b.row_locking && a.location == b.location &&
+           a.length == b.length && a.tables == b.tables && a.contained_writes == b.contained_writes &&
+           a.savepoint == b.savepoint && a.gid == b.gid && a.set_name == b.set_name &&
+           a.set_value == b.set_value && a.prepare_name == b.prepare_name &&
+           a.execute_name == b.execute_name && a.tags == b.tags;
+}
+
+bool same_result(const Classification& a, const Classification& b) {
+    if (a.log_text != b.log_text || a.statements.size() != b.statements.size()) return false;
+    for (std::size_t i = 0; i < a.statements.size(); ++i)
+        if (!same_info(a.statements[i], b.statements[i])) return false;
+    return true;
+}
+
+std::string shape_of(std::string_view sql) {
+    std::string shape;
+    std::size_t first = 0, last = 0;
+    return statement_shape(sql, shape, first, last) ? shape : "<none>";
+}
+
+}  // namespace
+
+TEST_CASE("classifier: statement_shape replaces constants and keeps everything else", "[classifier]") {
+    using namespace std::string_literals;
+    std::string shape;
+    std::size_t first = 0, last = 0;
+    REQUIRE(statement_shape("SELECT * FROM t WHERE id = 42 AND name = 'x''y';", shape, first, last));
+    CHECK(shape == "SELECT * FROM t WHERE id = \0n AND name = \0s;"s);
+    CHECK(first == 27);
+    CHECK(last == 47);
+    CHECK(shape_of("select 1.5e-3, .5, 7., 1e") == "select \0n, \0n, \0n, \0ne"s);
+    CHECK(shape_of("select c1, t2.x3 from t4 where a = $1 and b = 2") ==
+          "select c1, t2.x3 from t4 where a = $1 and b = \0n"s);
+    // Comments stay as they are, quotes in them included; dashes in a string are the string's.
+    CHECK(shape_of("/* client='a' */ select 'a--b', 1 -- 2\n") == "/* client='a' */ select \0s, \0n -- 2\n"s);
+    CHECK(shape_of("select \"we\"\"ird 1\", 2") == "select \"we\"\"ird 1\", \0n"s);
+    CHECK(shape_of("select 1 /* a /* nested 'q' */ b */ + 2") == "select \0n /* a /* nested 'q' */ b */ + \0n"s);
+    // Nothing to replace, or something the shape cannot stand for: no shape.
+    for (const char* text : {"select a from t", "select $1", "select E'a\\'b'", "select e'x'", "select B'101'",
+                             "select X'ff'", "select N'x'", "select U&'x'", "select $$x$$", "select $q$x$q$",
+                             "select 'open", "select 1 /* open", "select \"open", "select 1 /* a */ /* b"}) {
+        INFO(text);
+        CHECK(shape_of(text) == "<none>");
+    }
+    CHECK(shape_of("select 1\0; delete from t"s) == "<none>");
+}
+
+TEST_CASE("classifier: texts of one shape share a classification only where it cannot differ", "[classifier]") {
+    Classifier cached{ClassifyConfig{}};
+    ClassifyConfig none;
+    none.cache_entries = 0;
+    Classifier fresh(none);
+    // Each group: texts of one shape. The first is parsed; the others must come out exactly
+    // as a fresh parse of their own text says, whether the shape was shared or not.
+    struct Group {
+        std::vector<std::string> texts;
+        bool shared;  // whether the later texts are served by the shape
+    };
+    const std::vector<Group> groups = {
+        {{"SELECT abalance FROM pgbench_accounts WHERE aid = 17;", "SELECT abalance FROM pgbench_accounts WHERE aid = 1234567;"}, true},
+        {{"UPDATE pgbench_accounts SET abalance = abalance + -4711 WHERE aid = 3;",
+          "UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 99999;"},
+         true},
+        {{"INSERT INTO h (a, b, c) VALUES (1, 2, 'x'), (3, 4, 'y')", "INSERT INTO h (a, b, c) VALUES (10, 20, 'a;b'), (30, 40, '')"}, true},
+        {{"DELETE FROM t WHERE note = 'x' RETURNING id", "DELETE FROM t WHERE note = '; DELETE FROM u; --' RETURNING id"}, true},
+        {{"SELECT * FROM q WHERE id = 1 FOR UPDATE", "SELECT * FROM q WHERE id = 2 FOR UPDATE"}, true},
+        {{"SELECT nextval('seq_a')", "SELECT nextval('seq_b')"}, true},
+        {{"WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+          "WITH d AS (DELETE FROM t WHERE id = 2 RETURNING *) SELECT * FROM d"},
+         true},
+        {{"/* client='tenant:1' */ SELECT 1", "/* client='tenant:1' */ SELECT 2"}, true},
+        {{"SELECT 1 -- client='x'\n", "SELECT 22 -- client='x'\n"}, true},
+        // Constants that change what a statement is or says: never shared.
+        {{"SET pgwarden.client = 'a'", "SET pgwarden.client = 'b'"}, false},
+        {{"SET statement_timeout = 100", "SET statement_timeout = 200"}, false},
+        {{"EXPLAIN (ANALYZE 0) DELETE FROM t", "EXPLAIN (ANALYZE 1) DELETE FROM t"}, false},
+        {{"PREPARE TRANSACTION 'a'", "PREPARE TRANSACTION 'b'"}, false},
+        {{"COMMIT PREPARED 'a'", "COMMIT PREPARED 'b'"}, false},
+        {{"SELECT 1; DELETE FROM t WHERE id = 2", "SELECT 100; DELETE FROM t WHERE id = 2"}, false},
+        {{"PREPARE p AS SELECT 1", "PREPARE p AS SELECT 2"}, false},
+        {{"COPY t FROM '/tmp/a'", "COPY t FROM '/tmp/b'"}, false},
+        {{"SELECT 1 +", "SELECT 2 +"}, false},  // parse errors
+    };
+    for (const Group& group : groups) {
+        const std::uint64_t shared_before = cached.shape_hits();
+        for (const std::string& text : group.texts) {
+            INFO(text);
+            const auto got = cached.classify(text);
+            const auto want = fresh.classify(text);
+            CHECK(same_result(*got, *want));
+        }
+        INFO(group.texts.front());
+        CHECK(cached.shape_hits() - shared_before == (group.shared ? group.texts.size() - 1 : 0));
+    }
 }
