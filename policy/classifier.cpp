@@ -1103,8 +1103,16 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
         shape += '\0';  // never in a text that gets here: NUL fails below
         shape += type;
     };
+    std::size_t run = 0;  // start of the text not yet copied
+    const auto flush = [&] { shape.append(sql.substr(run, i - run)); };
     while (i < n) {
         const char c = sql[i];
+        // Most bytes only need copying, which happens a run at a time.
+        if (c != '\'' && c != '"' && c != '-' && c != '/' && c != '$' && c != '.' && c != '\0' && !is_digit(c)) {
+            ++i;
+            continue;
+        }
+        flush();
         const bool after_identifier = i > 0 && is_identifier_char(sql[i - 1]);
         if (c == '\0') return false;
         if (c == '\'') {
@@ -1122,7 +1130,7 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
                 }
             }
             constant(i, j + 1, 's');
-            i = j + 1;
+            i = run = j + 1;
             continue;
         }
         if (c == '"') {  // quoted identifier: kept
@@ -1138,7 +1146,7 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
                 }
             }
             shape.append(sql.substr(i, j + 1 - i));
-            i = j + 1;
+            i = run = j + 1;
             continue;
         }
         if (c == '-' && i + 1 < n && sql[i + 1] == '-') {  // line comment: kept
@@ -1147,7 +1155,7 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
             const std::string_view comment = sql.substr(i, j - i);
             if (comment.find('\0') != std::string_view::npos) return false;
             shape.append(comment);
-            i = j;
+            i = run = j;
             continue;
         }
         if (c == '/' && i + 1 < n && sql[i + 1] == '*') {  // block comment, nesting: kept
@@ -1167,7 +1175,7 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
                 }
             } while (depth > 0);
             shape.append(sql.substr(i, j - i));
-            i = j;
+            i = run = j;
             continue;
         }
         if (c == '$' && !after_identifier) {
@@ -1176,7 +1184,7 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
             while (j < n && is_digit(sql[j]))
                 ++j;
             shape.append(sql.substr(i, j - i));
-            i = j;
+            i = run = j;
             continue;
         }
         if (!after_identifier && (is_digit(c) || (c == '.' && i + 1 < n && is_digit(sql[i + 1])))) {
@@ -1198,12 +1206,13 @@ bool statement_shape(std::string_view sql, std::string& shape, std::size_t& firs
                 }
             }
             constant(i, j, 'n');
-            i = j;
+            i = run = j;
             continue;
         }
         shape += c;
-        ++i;
+        run = ++i;
     }
+    flush();
     return any;
 }
 
