@@ -52,6 +52,9 @@ struct StatementContext {
     bool extended_protocol = false;
     std::uint64_t session_id = 0;
     ThrottleMatchCache* match_cache = nullptr;  // the session's, if it keeps one
+    // When pgwarden received the statement, read once for its latency metric too; unset
+    // (epoch), a policy that needs the time reads the clock itself.
+    Clock::time_point arrived{};
 };
 
 // A rule that matched, for metrics and logs (pgwarden_rule_hits_total{rule,action}).

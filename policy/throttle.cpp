@@ -449,7 +449,7 @@ Verdict ThrottlePolicy::before(const StatementContext& context) {
     demands.clear();
     add_demands(context, demands, false);
     if (demands.empty()) return Verdict::allow();
-    return admit(demands);
+    return admit(demands, context.arrived);
 }
 
 Verdict ThrottlePolicy::before_batch(const std::vector<const StatementContext*>& statements) {
@@ -458,11 +458,13 @@ Verdict ThrottlePolicy::before_batch(const std::vector<const StatementContext*>&
     for (const StatementContext* context : statements)
         if (!exempt(context->statement)) add_demands(*context, demands, true);
     if (demands.empty()) return Verdict::allow();
-    return admit(demands);
+    return admit(demands, statements.front()->arrived);
 }
 
-Verdict ThrottlePolicy::admit(const std::vector<Demand>& demands) {
-    const Fixed now = to_fixed(state_->now());
+Verdict ThrottlePolicy::admit(const std::vector<Demand>& demands, Clock::time_point arrived) {
+    // The clock costs more than the rest of an admission on some hosts (50-90 ns here):
+    // the proxy's own reading, taken when the statement arrived, serves.
+    const Fixed now = to_fixed(arrived != Clock::time_point{} ? arrived : state_->now());
     thread_local std::vector<Fixed> starts;
     starts.assign(demands.size(), now);
     std::size_t latest = demands.size();  // the demand that waits longest, if any waits

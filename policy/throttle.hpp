@@ -120,7 +120,7 @@ private:
     // The rules whose match takes the context's client, from its cache when it is current.
     const std::vector<std::uint32_t>* matching_rules(const StatementContext& context) const;
     void add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const;
-    Verdict admit(const std::vector<Demand>& demands);
+    Verdict admit(const std::vector<Demand>& demands, Clock::time_point arrived);
 
     std::shared_ptr<ThrottleState> state_;
     std::uint64_t serial_ = 0;  // unique per policy, for ThrottleMatchCache

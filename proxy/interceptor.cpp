@@ -198,9 +198,10 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
 }
 
 Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
+    received_ = policy::Clock::now();
     Pending entry;
     entry.kind = Pending::Kind::kQuery;
-    entry.sent = policy::Clock::now();
+    entry.sent = received_;
     ClientStep step;
     std::string text;            // what the server gets, when it differs from `sql`
     bool rewritten = false;
@@ -328,7 +329,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         contexts.reserve(candidates.size());
         for (const auto& c : candidates)
             contexts.push_back({*c.statement, c.sql, identity_, c.client, tx_at_start, tracker_.depth(), false,
-                                session_id_, &throttle_matches_});
+                                session_id_, &throttle_matches_, received_});
         std::vector<const policy::StatementContext*> pointers;
         for (const auto& c : contexts) pointers.push_back(&c);
         policy::Verdict verdict = policies_->throttle->before_batch(pointers);
@@ -491,6 +492,7 @@ void Interceptor::inject_extended(std::string& out, const std::string& sql, Plan
 }
 
 Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
+    received_ = policy::Clock::now();
     auto execute = wire::parse_execute(body_of(message));
     ClientStep step;
     if (probe_until_sync_) {
@@ -526,7 +528,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         attach_throttle(throttled, classification, decision.effective, decision.client);
     if (decision.throttle_candidate && policies_->throttle) {
         policy::StatementContext context{*decision.effective, {}, identity_, decision.client, tracker_.state(),
-                                         tracker_.depth(), true, session_id_, &throttle_matches_};
+                                         tracker_.depth(), true, session_id_, &throttle_matches_, received_};
         policy::Verdict verdict = policies_->throttle->before(context);
         note_throttle(verdict, text, decision.effective->kind);
         if (verdict.rejects()) {
@@ -545,7 +547,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     if (decision.steps.empty()) {
         Pending entry;
         entry.kind = Pending::Kind::kExecute;
-        entry.sent = policy::Clock::now();
+        entry.sent = received_;
         Plan plan = std::move(throttled);
         plan.kind = statement.kind;
         plan.before = std::move(decision.notices);
@@ -567,7 +569,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
                 step.replacement.append(message);
                 Pending entry;
                 entry.kind = Pending::Kind::kExecute;
-                entry.sent = policy::Clock::now();
+                entry.sent = received_;
                 entry.plans.push_back(std::move(plan));
                 push(std::move(entry));
                 break;
@@ -626,6 +628,7 @@ Interceptor::ClientStep Interceptor::on_close(std::string_view message) {
 }
 
 Interceptor::ClientStep Interceptor::on_function_call() {
+    received_ = policy::Clock::now();
     // A fast-path function call can do anything (large objects write): a write of kind call.
     policy::StatementInfo call;
     call.kind = StatementKind::kCall;
@@ -635,7 +638,7 @@ Interceptor::ClientStep Interceptor::on_function_call() {
     step.delay_until = decision.delay_until;
     if (decision.throttle_candidate && policies_->throttle) {
         policy::StatementContext context{call, {}, identity_, decision.client, tracker_.state(), tracker_.depth(),
-                                         false, session_id_, &throttle_matches_};
+                                         false, session_id_, &throttle_matches_, received_};
         policy::Verdict verdict = policies_->throttle->before(context);
         note_throttle(verdict, "<function call>", StatementKind::kCall);
         if (verdict.rejects()) {
@@ -649,7 +652,7 @@ Interceptor::ClientStep Interceptor::on_function_call() {
     }
     Pending entry;
     entry.kind = Pending::Kind::kFunctionCall;
-    entry.sent = policy::Clock::now();
+    entry.sent = received_;
     for (const auto& s : decision.steps) {
         if (s.type != ServerStep::Type::kProbe && s.type != ServerStep::Type::kError) continue;
         // FunctionCall has no probe of its own: answer it here, as the server would

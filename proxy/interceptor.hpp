@@ -178,6 +178,9 @@ private:
     bool errors_in_flight_ = false;  // predictions may be off until the next quiescent 'Z'
     bool skip_until_sync_ = false;   // pgwarden answered an extended-protocol error itself
     policy::ThrottleMatchCache throttle_matches_;  // which throttle rules take this client
+    // When the Query, Execute or FunctionCall being decided arrived: one clock read serves
+    // its latency metric and the throttles.
+    policy::Clock::time_point received_{};
     bool probe_until_sync_ = false;  // a probe was sent in this batch: the server skips to Sync
     std::deque<Pending> queue_;
     std::string immediate_;
