@@ -696,6 +696,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             client_buffer_.release_if_empty(true);
             co_await client_.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
             if (ec) co_return shutting_down_ ? End::kShutdown : End::kClientClosed;
+            client_.waited();
         }
         char* p = client_buffer_.prepare(want);
         if (relay_stopping_) co_return End::kClientClosed;
@@ -791,6 +792,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             sbuf.release_if_empty(true);
             co_await server.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
             if (ec) co_return End::kServerClosed;
+            server.waited();
         }
         char* p = sbuf.prepare(want);
         if (relay_stopping_) co_return End::kServerClosed;

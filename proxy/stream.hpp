@@ -3,6 +3,7 @@
 // allocated for connections that use it, so plain sessions stay small.
 #pragma once
 #include <memory>
+#include <vector>
 
 #include "proxy/asio.hpp"
 
@@ -20,16 +21,41 @@ public:
 
     // Reads at least one byte; 0 bytes and `ec` set on error or end of stream.
     awaitable<std::size_t> read_some(asio::mutable_buffer buffer, error_code& ec);
+    // The caller waited for readability itself (socket().async_wait): the next reads
+    // start a fresh run before read_some yields the thread.
+    void waited() { reads_without_wait_ = 0; }
     // Reads exactly buffer.size() bytes.
     awaitable<std::size_t> read_exact(asio::mutable_buffer buffer, error_code& ec);
     // Writes all of `buffers` (a buffer sequence), in one gathering write where possible.
     template <class ConstBufferSequence>
     awaitable<void> write(const ConstBufferSequence& buffers, error_code& ec) {
         auto token = asio::redirect_error(asio::use_awaitable, ec);
-        if (tls_)
+        if (tls_) {
             co_await asio::async_write(*tls_, buffers, token);
-        else
-            co_await asio::async_write(socket_, buffers, token);
+            co_return;
+        }
+        // Nearly every write fits in the socket's send buffer: sending it here saves the
+        // trip through the event loop that an asynchronous write takes even when it
+        // completes at once. What does not fit goes the asynchronous way.
+        const std::size_t total = asio::buffer_size(buffers);
+        std::size_t sent = 0;
+        if (make_non_blocking()) {
+            sent = socket_.write_some(buffers, ec);
+            if (ec == asio::error::would_block || ec == asio::error::try_again) ec = {};
+            if (ec || sent == total) co_return;
+        }
+        std::vector<asio::const_buffer> rest;
+        std::size_t skip = sent;
+        for (auto it = asio::buffer_sequence_begin(buffers); it != asio::buffer_sequence_end(buffers); ++it) {
+            asio::const_buffer piece(*it);
+            if (skip >= piece.size()) {
+                skip -= piece.size();
+                continue;
+            }
+            rest.push_back(piece + skip);
+            skip = 0;
+        }
+        co_await asio::async_write(socket_, rest, token);
     }
 
     // TLS handshakes; on failure `ec` is set and the stream stays plain.
@@ -41,7 +67,22 @@ public:
     void close();
 
 private:
+    // Puts the socket in non-blocking mode for the synchronous attempts (once); false if
+    // that failed, and then only asynchronous operations are used.
+    bool make_non_blocking() {
+        if (!non_blocking_) {
+            error_code ec;
+            socket_.non_blocking(true, ec);
+            non_blocking_ = !ec;
+        }
+        return non_blocking_;
+    }
+
+    static constexpr int kMaxReadsWithoutWait = 16;
+
     tcp::socket socket_;
+    bool non_blocking_ = false;
+    int reads_without_wait_ = 0;  // reads in a row that found their bytes already there
     std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
 };
 
