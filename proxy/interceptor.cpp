@@ -2,6 +2,9 @@
 // from server responses back to the statements they answer.
 #include "proxy/interceptor.hpp"
 
+#include <array>
+#include <atomic>
+
 #include "metrics/proxy_metrics.hpp"
 #include "proxy/event_log.hpp"
 #include "wire/builder.hpp"
@@ -16,6 +19,21 @@ using policy::StatementKind;
 using policy::TxState;
 
 namespace {
+
+// pgwarden_statement_duration_seconds{kind}, looked up once per kind for the process (the
+// family keeps its series for good), created at first use so that kinds never seen stay
+// out of /metrics.
+metrics::Histogram& statement_duration(StatementKind kind) {
+    static std::array<std::atomic<metrics::Histogram*>, policy::kStatementKindCount> series{};
+    auto& slot = series[static_cast<std::size_t>(kind)];
+    metrics::Histogram* found = slot.load(std::memory_order_acquire);
+    if (found == nullptr) {
+        found = &metrics::proxy_metrics().statement_duration.labels({policy::to_string(kind)});
+        slot.store(found, std::memory_order_release);
+    }
+    return *found;
+}
+
 
 // The probes: names no application uses, so the server answers "does not exist"
 // (SQLSTATE 34000) and changes nothing else.
@@ -949,7 +967,7 @@ void Interceptor::count_transaction_end(StatementKind kind, std::string_view mes
             .inc();
 }
 
-void Interceptor::push(Pending pending) {
+void Interceptor::push(Pending&& pending) {
     const bool was_empty = queue_.empty();
     queue_.push_back(std::move(pending));
     if (was_empty) activate_front(immediate_);
@@ -1043,7 +1061,7 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
                 }
                 if (type != wire::be::kPortalSuspended && front.sent != policy::Clock::time_point{} && !plan.hidden) {
                     auto seconds = std::chrono::duration<double>(policy::Clock::now() - front.sent).count();
-                    metrics::proxy_metrics().statement_duration.labels({policy::to_string(plan.kind)}).observe(seconds);
+                    statement_duration(plan.kind).observe(seconds);
                 }
             }
             if (front.kind == Pending::Kind::kQuery) {

@@ -159,7 +159,7 @@ private:
 
     // Extended protocol: runs `sql` through reserved statement and portal names.
     void inject_extended(std::string& out, const std::string& sql, Plan plan);
-    void push(Pending pending);
+    void push(Pending&& pending);
     // Emits what the front entry says before its first server response (notices and
     // results of statements pgwarden answered itself), popping entries that are
     // entirely synthetic.
