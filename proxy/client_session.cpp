@@ -132,10 +132,14 @@ awaitable<bool> ClientSession::wait_for_throttle(std::chrono::steady_clock::time
     while (std::chrono::steady_clock::now() < until) {
         timer.expires_at(std::min(until, std::chrono::steady_clock::now() + kSlice));
         co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-        if (ec || relay_stopping_) co_return false;
+        if (ec || relay_stopping_) {
+            interceptor_->abandon_delay();
+            co_return false;
+        }
         char byte;
         ssize_t peeked = ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
         if (peeked == 0 || (peeked < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            interceptor_->abandon_delay();  // before the log line, which tests wait for
             log::info("throttle_waiter_left", {{"session", std::to_string(id_)}});
             co_return false;
         }

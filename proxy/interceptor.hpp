@@ -78,6 +78,12 @@ public:
     // A delayed statement was forwarded (or dropped with its session): its throttle
     // reservations are settled. The destructor releases any still held.
     void delay_done() { reservations_.clear(); }
+    // The client left while its statement waited: its place in the buckets goes back now,
+    // for whoever writes next, not when the session is torn down.
+    void abandon_delay() {
+        for (auto& r : reservations_) r->release();
+        reservations_.clear();
+    }
     // The throttle rule that holds the current delay ("" when none).
     const std::string& delaying_rule() const { return delaying_rule_; }
 

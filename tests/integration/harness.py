@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -52,7 +53,25 @@ def keep_temp_dirs() -> bool:
     return os.environ.get("PGWARDEN_KEEP_TMP", "") not in ("", "0")
 
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default): a
+# port taken from that range can be handed to some outgoing connection between the moment
+# it is picked and the moment the server binds it.
+LISTEN_PORTS = (20000, 32000)
+_taken: set[int] = set()  # handed out by this process already
+
+
 def free_port() -> int:
+    for _ in range(500):
+        port = random.randint(*LISTEN_PORTS)
+        if port in _taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -364,13 +383,25 @@ class Pgwarden(Target):
         binary = pgwarden_binary()
         if not os.access(binary, os.X_OK):
             raise RuntimeError(f"pgwarden binary {binary} missing; build it or set PGWARDEN_BIN")
-        self.port, self.admin_port = free_port(), free_port()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.proc.pid
-        if wait is not None:
-            self.wait_ready(wait, timeout)
+        for attempt in range(3):
+            self.port, self.admin_port = free_port(), free_port()
+            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            self.pid = self.proc.pid
+            if wait is None:
+                return self
+            try:
+                self.wait_ready(wait, timeout)
+                return self
+            except RuntimeError:
+                # Another process took a port in the meantime: try others.
+                with open(self.log_path, "rb") as log:
+                    log.seek(log_size)
+                    lost_port = b"Address already in use" in log.read()
+                if not lost_port or self.alive() or attempt == 2:
+                    raise
         return self
 
     def alive(self) -> bool:
