@@ -25,6 +25,7 @@ import pytest
 
 import harness
 import observability as obs
+from fault_util import rss_kb
 from throttle_util import REJECT_SQLSTATE, admin_get, rejection_of
 
 pytestmark = pytest.mark.proxy_only
@@ -718,14 +719,6 @@ def metric_value(page: str, name: str, **labels: str) -> float:
             if all(have.get(k) == v for k, v in labels.items()):
                 total += float(found.group(3))
     return total
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 def pgbench_command(proxy: harness.Pgwarden, seconds: int) -> list[str]:
