@@ -18,7 +18,7 @@ pytestmark = pytest.mark.proxy_only
 
 TABLE = "thr_django_note"
 APP_MODULE = "pgwarden_throttle_app"  # the URLconf and middleware, as Django imports them
-RATE, BURST = 5, 5
+RATE, BURST = 2, 5
 
 
 def sqlcommenter_tag(client: str):
@@ -175,15 +175,14 @@ def test_django_user_over_its_rate_is_throttled_and_the_other_is_not(pgwarden_fa
     bob = client.get("/notes/", {"count": BURST}, HTTP_X_USER="bob")
     bob_seconds = time.monotonic() - start
     assert (bob.status_code, bob.json()) == (200, {"written": BURST})
-    # A bucket shared with alice would hold bob back for a second or refuse him.
-    assert bob_seconds < 0.8, bob_seconds
+    # A bucket shared with alice would hold bob back for BURST / RATE = 2.5 s or refuse him.
+    assert bob_seconds < 1.5, bob_seconds
     assert notes_of(pg_server, "bob") == list(range(BURST))
 
-    # alice's bucket is empty, but reads do not need it.
-    start = time.monotonic()
+    # alice's bucket is empty, but reads do not need it: a throttled read would be refused
+    # (reject) or counted as delayed (the exact count is checked below).
     counted = client.get("/notes/count/", HTTP_X_USER="alice")
     assert (counted.status_code, counted.json()) == (200, {"count": over if action == "delay" else BURST})
-    assert time.monotonic() - start < 0.5
 
     assert set(bucket_levels(proxy, "django-users")) == {"user:alice", "user:bob"}
     counter = "pgwarden_throttle_delayed_total" if action == "delay" else "pgwarden_throttle_rejected_total"

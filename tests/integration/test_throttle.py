@@ -122,7 +122,7 @@ def test_rejected_writes_carry_53400_and_commit_nothing(pgwarden_factory, pg_ser
 def test_delay_beyond_max_delay_is_rejected_at_once_with_a_retry_hint(pgwarden_factory, pg_server):
     # One token a second: the second write would wait about 1 s, more than max_delay allows.
     proxy = pgwarden_factory(throttle_rule("tenant-writes", match={"client": "tenant:*"}, rate=1, burst=1,
-                                           action="delay", max_delay="200ms"))
+                                           action="delay", max_delay="600ms"))
     create_table(pg_server, "thr_max_delay")
     with tenant(proxy, "tenant:1") as conn:
         insert(conn, "thr_max_delay", 1)
@@ -131,8 +131,8 @@ def test_delay_beyond_max_delay_is_rejected_at_once_with_a_retry_hint(pgwarden_f
         took = time.monotonic() - started
         rejection.assert_rate_limited("tenant-writes", "tenant:1")
         # Refused on arrival, not after sitting out max_delay; the hint says when a token is due.
-        assert took < 0.2, took
-        assert 200 < rejection.retry_after_ms <= 1000, rejection
+        assert took < 0.5, took
+        assert 600 < rejection.retry_after_ms <= 1000, rejection
         assert conn.info.transaction_status == IDLE
     assert committed_ids(pg_server, "thr_max_delay") == [1]
     assert metric(proxy, REJECTED, rule="tenant-writes", client="tenant:1") == 1
@@ -206,9 +206,14 @@ def test_saturated_client_leaves_other_writers_and_all_readers_at_full_speed(pgw
     hog_elapsed = time.monotonic() - hog_start
     assert not hog_errors, hog_errors
 
+    # The exact check: only the hog was ever delayed (asserted below from the metric). The
+    # timing check catches what the metric cannot see, a delay that holds up other sessions
+    # (a blocking wait, a shared queue). Such a bug costs far more than the slack allowed
+    # here: a quiet write queued behind the two hogs waits about three 20 ms slots (40 writes:
+    # 2.4 s), a throttled read one slot or more (200 reads: 4 s). The slack is wide because
+    # the suite shares two cores with PostgreSQL and, in CI, an ASan build of pgwarden.
     for what, seconds in throttled.items():
-        # Generous: a shared bucket would cost every quiet write two 20 ms slots or more.
-        assert seconds <= max(3 * baseline[what], baseline[what] + 0.5), (what, baseline, throttled)
+        assert seconds <= max(3 * baseline[what], baseline[what] + 1.2), (what, baseline, throttled)
     assert committed_ids(pg_server, "thr_share", "tenant:quiet-b") == list(range(quiet_writes))
     hog_rows = len(committed_ids(pg_server, "thr_share", "tenant:hog"))
     assert hog_rows <= rate + rate * hog_elapsed + 1, (hog_rows, hog_elapsed)
