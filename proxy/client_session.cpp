@@ -42,6 +42,20 @@ bool server_message_needs_body(char type) {
     }
 }
 
+// Adds bytes to a gathering write. Messages relayed from one read lie back to back in
+// its buffer: they become one piece, so the write is one contiguous copy in the kernel
+// rather than one iovec per message.
+void append_bytes(std::vector<asio::const_buffer>& out, const char* data, std::size_t size) {
+    if (!out.empty()) {
+        asio::const_buffer& last = out.back();
+        if (static_cast<const char*>(last.data()) + last.size() == data) {
+            last = asio::const_buffer(last.data(), last.size() + size);
+            return;
+        }
+    }
+    out.emplace_back(data, size);
+}
+
 bool auth_code_expects_reply(std::int32_t code) {
     switch (code) {
         case wire::auth::kCleartextPassword:
@@ -695,16 +709,13 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         if (streaming == 0 &&
             wire::read_frame(client_buffer_.data(), pending, max_length) == wire::FrameStatus::kPartial)
             want = pending.total_size() - client_buffer_.size();
-        if (client_buffer_.empty() && !client_.is_tls()) {
-            // Idle sessions hold no buffer: wait for data first, then take memory.
-            client_buffer_.release_if_empty(true);
-            co_await client_.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
-            if (ec) co_return shutting_down_ ? End::kShutdown : End::kClientClosed;
-            client_.waited();
-        }
+        // Everything read so far is handled: the next read waits for the client, into the
+        // buffer's own small space (idle sessions hold no heap buffer).
+        const bool drained = client_buffer_.empty();
+        if (drained) client_buffer_.release_if_empty(true);
         char* p = client_buffer_.prepare(want);
         if (relay_stopping_) co_return End::kClientClosed;
-        std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec);
+        std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec, drained);
         if (relay_stopping_) co_return End::kClientClosed;
         if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
@@ -717,7 +728,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             std::string_view rest = data.substr(consumed);
             if (streaming > 0) {
                 std::size_t k = std::min(streaming, rest.size());
-                out.emplace_back(rest.data(), k);
+                append_bytes(out, rest.data(), k);
                 consumed += k;
                 streaming -= k;
                 continue;
@@ -732,7 +743,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             }
             if (status == wire::FrameStatus::kPartial) {
                 if (header.type != wire::fe::kCopyData) break;  // wait for the whole message
-                out.emplace_back(rest.data(), rest.size());
+                append_bytes(out, rest.data(), rest.size());
                 streaming = header.total_size() - rest.size();
                 consumed = data.size();
                 break;
@@ -740,7 +751,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             std::string_view message = rest.substr(0, header.total_size());
             if (header.type == wire::fe::kTerminate) {
                 terminate = true;
-                out.emplace_back(message.data(), message.size());
+                append_bytes(out, message.data(), message.size());
                 consumed += message.size();
                 break;
             }
@@ -757,11 +768,11 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             }
             switch (step.action) {
                 case Interceptor::ClientStep::Action::kForward:
-                    out.emplace_back(message.data(), message.size());
+                    append_bytes(out, message.data(), message.size());
                     break;
                 case Interceptor::ClientStep::Action::kReplace:
                     scratch.push_back(std::move(step.replacement));
-                    out.emplace_back(scratch.back().data(), scratch.back().size());
+                    append_bytes(out, scratch.back().data(), scratch.back().size());
                     break;
                 case Interceptor::ClientStep::Action::kDrop:
                     break;
@@ -792,15 +803,11 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
         if (streaming == 0 && wire::read_frame(sbuf.data(), pending) == wire::FrameStatus::kPartial &&
             server_message_needs_body(pending.type))
             want = pending.total_size() - sbuf.size();
-        if (sbuf.empty() && !server.is_tls()) {
-            sbuf.release_if_empty(true);
-            co_await server.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
-            if (ec) co_return End::kServerClosed;
-            server.waited();
-        }
+        const bool drained = sbuf.empty();
+        if (drained) sbuf.release_if_empty(true);
         char* p = sbuf.prepare(want);
         if (relay_stopping_) co_return End::kServerClosed;
-        std::size_t n = co_await server.read_some(asio::buffer(p, sbuf.free_space()), ec);
+        std::size_t n = co_await server.read_some(asio::buffer(p, sbuf.free_space()), ec, drained);
         if (ec || relay_stopping_) co_return End::kServerClosed;
         sbuf.commit(n);
 
@@ -810,7 +817,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             std::string_view rest = data.substr(consumed);
             if (streaming > 0) {
                 std::size_t k = std::min(streaming, rest.size());
-                out.emplace_back(rest.data(), k);
+                append_bytes(out, rest.data(), k);
                 consumed += k;
                 streaming -= k;
                 continue;
@@ -842,7 +849,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             }
             if (status == wire::FrameStatus::kPartial) {
                 // Only types whose body nobody reads get here: stream them through.
-                out.emplace_back(rest.data(), rest.size());
+                append_bytes(out, rest.data(), rest.size());
                 streaming = header.total_size() - rest.size();
                 consumed = data.size();
                 if (!step.emit_after.empty()) {
@@ -853,18 +860,18 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             }
             switch (step.action) {
                 case Interceptor::ResponseStep::Action::kRelay:
-                    out.emplace_back(rest.data(), header.total_size());
+                    append_bytes(out, rest.data(), header.total_size());
                     break;
                 case Interceptor::ResponseStep::Action::kReplace:
                     scratch.push_back(std::move(step.replacement));
-                    out.emplace_back(scratch.back().data(), scratch.back().size());
+                    append_bytes(out, scratch.back().data(), scratch.back().size());
                     break;
                 case Interceptor::ResponseStep::Action::kDrop:
                     break;
             }
             if (!step.emit_after.empty()) {
                 scratch.push_back(std::move(step.emit_after));
-                out.emplace_back(scratch.back().data(), scratch.back().size());
+                append_bytes(out, scratch.back().data(), scratch.back().size());
             }
             consumed += header.total_size();
         }

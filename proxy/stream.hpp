@@ -20,10 +20,9 @@ public:
     bool is_open() const { return socket_.is_open(); }
 
     // Reads at least one byte; 0 bytes and `ec` set on error or end of stream.
-    awaitable<std::size_t> read_some(asio::mutable_buffer buffer, error_code& ec);
-    // The caller waited for readability itself (socket().async_wait): the next reads
-    // start a fresh run before read_some yields the thread.
-    void waited() { reads_without_wait_ = 0; }
+    // `drained`: the caller consumed everything the last read returned and expects to
+    // wait (an idle session): skip the synchronous attempt and wait in the event loop.
+    awaitable<std::size_t> read_some(asio::mutable_buffer buffer, error_code& ec, bool drained = false);
     // Reads exactly buffer.size() bytes.
     awaitable<std::size_t> read_exact(asio::mutable_buffer buffer, error_code& ec);
     // Writes all of `buffers` (a buffer sequence), in one gathering write where possible.
