@@ -80,6 +80,7 @@ Interceptor::Interceptor(Runtime& runtime, std::uint64_t session_id, policy::Cli
       config_(runtime.config()),
       policies_(runtime.policies()),
       session_id_(session_id),
+      session_text_(std::to_string(session_id)),
       identity_(std::move(identity)) {}
 
 Interceptor::~Interceptor() {
@@ -93,14 +94,14 @@ void Interceptor::note_throttle(const policy::Verdict& verdict, std::string_view
         auto client = m.clients.label(e.client);
         if (e.rejected) {
             m.throttle_rejected.labels({e.rule, client}).inc();
-            log::warn("throttle_rejected", {{"session", std::to_string(session_id_)}, {"client", e.client},
+            log::warn("throttle_rejected", {{"session", session_text_}, {"client", e.client},
                                             {"rule", e.rule}, {"kind", policy::to_string(kind)},
                                             {"statement", log::truncate_statement(sql)}});
         } else {
             double seconds = std::chrono::duration<double>(e.delay).count();
             m.throttle_delayed.labels({e.rule, client}).inc();
             m.throttle_delay.labels({e.rule}).observe(seconds);
-            log::debug("throttle_delayed", {{"session", std::to_string(session_id_)}, {"client", e.client},
+            log::debug("throttle_delayed", {{"session", session_text_}, {"client", e.client},
                                             {"rule", e.rule}, {"seconds", std::to_string(seconds)}});
         }
     }
@@ -164,7 +165,7 @@ std::string Interceptor::roll_back_for_idle(const std::string& after) {
 std::string Interceptor::doom(const std::string& reason) {
     if (!tracker_.doom(reason)) return "the client is not in a transaction";
     metrics::proxy_metrics().doomed_transactions.labels({"admin"}).inc();
-    log::warn("transaction_doomed", {{"session", std::to_string(session_id_)}, {"reason", "admin"},
+    log::warn("transaction_doomed", {{"session", session_text_}, {"reason", "admin"},
                                      {"detail", reason}, {"transaction", log::truncate_statement(tracker_.outer_begin_statement())}});
     return {};
 }
@@ -230,7 +231,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         plan.mode = tracker_.rolled_back_for_idle() ? Plan::Mode::kError : Plan::Mode::kProbe;
         plan.error = error_bytes({"54000", "pgwarden: statement too large",
                                   too_large_detail(sql.size(), config_->proxy.max_statement_bytes), ""});
-        log::warn("statement_rejected", {{"session", std::to_string(session_id_)}, {"reason", "statement_too_large"},
+        log::warn("statement_rejected", {{"session", session_text_}, {"reason", "statement_too_large"},
                                          {"bytes", std::to_string(sql.size())}});
         tracker_.on_error();
         entry.plans.push_back(std::move(plan));
@@ -432,7 +433,7 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         plan.mode = Plan::Mode::kProbe;
         plan.error = error_bytes({"54000", "pgwarden: statement too large",
                                   too_large_detail(parse->sql.size(), config_->proxy.max_statement_bytes), ""});
-        log::warn("statement_rejected", {{"session", std::to_string(session_id_)}, {"reason", "statement_too_large"},
+        log::warn("statement_rejected", {{"session", session_text_}, {"reason", "statement_too_large"},
                                          {"bytes", std::to_string(parse->sql.size())}});
         entry.kind = Pending::Kind::kExecute;
         entry.plans.push_back(std::move(plan));
@@ -717,7 +718,7 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     decision.throttle_candidate = !prepare_only;
     Candidate candidate{decision};
     auto& m = metrics::proxy_metrics();
-    const std::string session = std::to_string(session_id_);
+    const std::string& session = session_text_;
 
     // Transaction control first: nesting modes and doom decide on their own.
     auto mode = config_->transactions.nesting;
@@ -935,7 +936,7 @@ void Interceptor::log_decision(const policy::Verdict& verdict, const policy::Sta
     auto& m = metrics::proxy_metrics();
     for (const auto& hit : verdict.hits) {
         m.rule_hits.labels({hit.rule, policy::to_string(hit.action)}).inc();
-        log::info("rule_matched", {{"session", std::to_string(session_id_)},
+        log::info("rule_matched", {{"session", session_text_},
                                    {"client", client},
                                    {"rule", hit.rule},
                                    {"action", policy::to_string(hit.action)},
@@ -943,7 +944,7 @@ void Interceptor::log_decision(const policy::Verdict& verdict, const policy::Sta
                                    {"statement", log::truncate_statement(sql)}});
     }
     if (verdict.rejects())
-        log::warn("statement_rejected", {{"session", std::to_string(session_id_)},
+        log::warn("statement_rejected", {{"session", session_text_},
                                          {"client", client},
                                          {"policy", verdict.policy},
                                          {"rule", verdict.rule},
@@ -1114,7 +1115,7 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
                                    !front.plans.front().hidden && !front.plans.front().tag.empty();
     if (front.swallow && !stands_for_client) {
         step.action = ResponseStep::Action::kDrop;
-        log::error("injected_statement_failed", {{"session", std::to_string(session_id_)}, {"sqlstate", sqlstate},
+        log::error("injected_statement_failed", {{"session", session_text_}, {"sqlstate", sqlstate},
                                                  {"message", fields ? fields->message() : std::string_view{}}});
     }
     auto replace_probe = [&](Pending& entry) {
@@ -1181,7 +1182,7 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
                                                 : TxState::kIdle;
         // pgwarden's prediction must agree with the server whenever nothing is in flight.
         if (!errors_in_flight_ && !tracker_.rolled_back_for_idle() && actual != tracker_.state())
-            log::error("tx_state_mismatch", {{"session", std::to_string(session_id_)},
+            log::error("tx_state_mismatch", {{"session", session_text_},
                                              {"predicted", policy::to_string(tracker_.state())},
                                              {"server", policy::to_string(actual)}});
         if (actual == TxState::kIdle && tracker_.state() != TxState::kIdle) identity_.rollback_transaction();

@@ -179,6 +179,7 @@ private:
     std::shared_ptr<const policy::Config> config_;
     std::shared_ptr<const Policies> policies_;
     std::uint64_t session_id_;
+    std::string session_text_;  // session_id_ as the log lines spell it
     policy::ClientIdentity identity_;
     policy::TransactionTracker tracker_;
     bool errors_in_flight_ = false;  // predictions may be off until the next quiescent 'Z'
