@@ -28,20 +28,33 @@ public:
     // Writes all of `buffers` (a buffer sequence), in one gathering write where possible.
     template <class ConstBufferSequence>
     awaitable<void> write(const ConstBufferSequence& buffers, error_code& ec) {
+        std::size_t sent = 0;
+        if (try_write(buffers, sent, ec)) co_return;
+        co_await write_rest(buffers, sent, ec);
+    }
+    // The first half of write(), without a coroutine: nearly every write fits in the
+    // socket's send buffer, and sending it here saves the trip through the event loop
+    // that an asynchronous write takes even when it completes at once. True when the
+    // write is over (everything sent, or `ec` set); otherwise `sent` bytes went and
+    // write_rest() sends the others. TLS streams always take the asynchronous way.
+    template <class ConstBufferSequence>
+    bool try_write(const ConstBufferSequence& buffers, std::size_t& sent, error_code& ec) {
+        sent = 0;
+        if (tls_ || !make_non_blocking()) return false;
+        sent = socket_.write_some(buffers, ec);
+        if (ec == asio::error::would_block || ec == asio::error::try_again) {
+            ec = {};
+            sent = 0;
+        }
+        return ec || sent == asio::buffer_size(buffers);
+    }
+    // Writes what try_write() left: `buffers` minus its first `sent` bytes.
+    template <class ConstBufferSequence>
+    awaitable<void> write_rest(const ConstBufferSequence& buffers, std::size_t sent, error_code& ec) {
         auto token = asio::redirect_error(asio::use_awaitable, ec);
         if (tls_) {
             co_await asio::async_write(*tls_, buffers, token);
             co_return;
-        }
-        // Nearly every write fits in the socket's send buffer: sending it here saves the
-        // trip through the event loop that an asynchronous write takes even when it
-        // completes at once. What does not fit goes the asynchronous way.
-        const std::size_t total = asio::buffer_size(buffers);
-        std::size_t sent = 0;
-        if (make_non_blocking()) {
-            sent = socket_.write_some(buffers, ec);
-            if (ec == asio::error::would_block || ec == asio::error::try_again) ec = {};
-            if (ec || sent == total) co_return;
         }
         std::vector<asio::const_buffer> rest;
         std::size_t skip = sent;
