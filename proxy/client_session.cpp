@@ -715,7 +715,9 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         if (drained) client_buffer_.release_if_empty(true);
         char* p = client_buffer_.prepare(want);
         if (relay_stopping_) co_return End::kClientClosed;
-        std::size_t n = co_await client_.read_some(asio::buffer(p, client_buffer_.free_space()), ec, drained);
+        std::size_t n = 0;
+        const asio::mutable_buffer room(p, client_buffer_.free_space());
+        if (drained || !client_.try_read(room, n, ec)) n = co_await client_.wait_read(room, ec);
         if (relay_stopping_) co_return End::kClientClosed;
         if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
@@ -819,7 +821,9 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
         if (drained) sbuf.release_if_empty(true);
         char* p = sbuf.prepare(want);
         if (relay_stopping_) co_return End::kServerClosed;
-        std::size_t n = co_await server.read_some(asio::buffer(p, sbuf.free_space()), ec, drained);
+        std::size_t n = 0;
+        const asio::mutable_buffer room(p, sbuf.free_space());
+        if (drained || !server.try_read(room, n, ec)) n = co_await server.wait_read(room, ec);
         if (ec || relay_stopping_) co_return End::kServerClosed;
         sbuf.commit(n);
 

@@ -6,28 +6,12 @@
 namespace pgwarden::proxy {
 
 awaitable<std::size_t> Stream::read_some(asio::mutable_buffer buffer, error_code& ec, bool drained) {
-    auto token = asio::redirect_error(asio::use_awaitable, ec);
-    if (tls_) co_return co_await tls_->async_read_some(buffer, token);
     // Waiting is always an asynchronous read, never async_wait: Asio re-arms the
     // descriptor in the kernel (epoll_ctl) for every wait, but not for a read, whose
     // readiness it already watches.
-    if (drained || !make_non_blocking()) {
-        reads_without_wait_ = 0;
-        co_return co_await socket_.async_read_some(buffer, token);
-    }
-    // Otherwise the bytes are mostly there already, and taking them here saves a trip
-    // through the event loop. A session whose peer keeps sending would then never give
-    // its thread to the other sessions on it: every so many reads that did not wait, it
-    // yields once.
-    if (++reads_without_wait_ >= kMaxReadsWithoutWait) {
-        reads_without_wait_ = 0;
-        co_await asio::post(socket_.get_executor(), asio::use_awaitable);
-    }
-    const std::size_t n = socket_.read_some(buffer, ec);
-    if (ec != asio::error::would_block && ec != asio::error::try_again) co_return n;
-    ec = {};
-    reads_without_wait_ = 0;
-    co_return co_await socket_.async_read_some(buffer, token);
+    std::size_t n = 0;
+    if (!drained && try_read(buffer, n, ec)) co_return n;
+    co_return co_await wait_read(buffer, ec);
 }
 
 awaitable<std::size_t> Stream::read_exact(asio::mutable_buffer buffer, error_code& ec) {

@@ -23,6 +23,35 @@ public:
     // `drained`: the caller consumed everything the last read returned and expects to
     // wait (an idle session): skip the synchronous attempt and wait in the event loop.
     awaitable<std::size_t> read_some(asio::mutable_buffer buffer, error_code& ec, bool drained = false);
+    // read_some in two halves, for the relay loops, which run for every message. try_read
+    // takes bytes that are already there without a coroutine: true when it finished (bytes
+    // read, or `ec` set). When it returns false, or the caller knows the socket is drained,
+    // wait_read is the asynchronous read; it is Asio's own operation, with no coroutine
+    // of ours around it.
+    bool try_read(asio::mutable_buffer buffer, std::size_t& n, error_code& ec) {
+        n = 0;
+        if (tls_ || !make_non_blocking()) return false;
+        // A session whose peer keeps sending would never give its thread to the other
+        // sessions on it: every so many reads that did not wait, it goes through the
+        // event loop once.
+        if (++reads_without_wait_ >= kMaxReadsWithoutWait) {
+            reads_without_wait_ = 0;
+            return false;
+        }
+        n = socket_.read_some(buffer, ec);
+        if (ec == asio::error::would_block || ec == asio::error::try_again) {
+            ec = {};
+            n = 0;
+            reads_without_wait_ = 0;
+            return false;
+        }
+        return true;
+    }
+    awaitable<std::size_t> wait_read(asio::mutable_buffer buffer, error_code& ec) {
+        reads_without_wait_ = 0;
+        if (tls_) return tls_->async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
+        return socket_.async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
+    }
     // Reads exactly buffer.size() bytes.
     awaitable<std::size_t> read_exact(asio::mutable_buffer buffer, error_code& ec);
     // Writes all of `buffers` (a buffer sequence), in one gathering write where possible.
