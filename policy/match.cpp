@@ -139,6 +139,8 @@ Matcher::Matcher(const Match& match) : match_(match), kinds_(match.statements) {
     compile(match.database, database_);
     compile(match.application_name, application_name_);
     compile(match.client, client_);
+    tables_.reserve(match.tables.size());
+    for (const auto& t : match.tables) tables_.emplace_back(t);
 }
 
 bool Matcher::any_glob(const std::vector<Glob>& patterns, std::string_view value) {
@@ -165,26 +167,37 @@ bool Matcher::matches_statement(const StatementInfo& statement) const {
     if (!kinds_.empty() && !kinds_.matches(statement)) return false;
     if (!match_.tables.empty()) {
         if (statement.unknown) return true;
-        for (const auto& pattern : match_.tables)
+        for (const auto& pattern : tables_)
             for (const auto& table : statement.tables)
-                if (table_matches(pattern, table)) return true;
+                if (pattern.matches(table)) return true;
         return false;
     }
     return true;
 }
 
-bool table_matches(std::string_view pattern, std::string_view table) {
-    std::string qualified;
-    if (table.find('.') == std::string_view::npos) {
-        if (pattern.find('.') == std::string_view::npos) return glob_match(pattern, table);
-        qualified = "public.";
-        qualified += table;
-        table = qualified;
-    } else if (pattern.find('.') == std::string_view::npos) {
-        // "orders" matches orders in any schema.
-        return glob_match(pattern, table.substr(table.rfind('.') + 1));
+TablePattern::TablePattern(std::string pattern)
+    : glob_(pattern), qualified_(pattern.find('.') != std::string::npos) {}
+
+bool TablePattern::matches(std::string_view table) const {
+    const std::size_t dot = table.rfind('.');
+    if (!qualified_) return glob_.matches(dot == std::string_view::npos ? table : table.substr(dot + 1));
+    if (dot != std::string_view::npos) return glob_.matches(table);
+    // A qualified pattern and an unqualified name: match against "public.<name>", built
+    // on the stack for any name PostgreSQL allows (identifiers are at most 63 bytes).
+    constexpr std::string_view kPublic = "public.";
+    char local[128];
+    if (kPublic.size() + table.size() <= sizeof local) {
+        std::memcpy(local, kPublic.data(), kPublic.size());
+        std::memcpy(local + kPublic.size(), table.data(), table.size());
+        return glob_.matches(std::string_view(local, kPublic.size() + table.size()));
     }
-    return glob_match(pattern, table);
+    std::string qualified(kPublic);
+    qualified += table;
+    return glob_.matches(qualified);
+}
+
+bool table_matches(std::string_view pattern, std::string_view table) {
+    return TablePattern(std::string(pattern)).matches(table);
 }
 
 }  // namespace pgwarden::policy

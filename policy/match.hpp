@@ -44,6 +44,19 @@ private:
     int prefix_ = 0;
 };
 
+// A table pattern ("audit.*", "orders", "*.secrets") compiled once: does it match a table
+// name as written in a statement ("audit.log", "orders")? Unqualified names count as
+// schema "public"; an unqualified pattern matches the name in any schema.
+class TablePattern {
+public:
+    explicit TablePattern(std::string pattern);
+    bool matches(std::string_view table) const;
+
+private:
+    Glob glob_;
+    bool qualified_;  // the pattern names a schema
+};
+
 // Which statement kinds a list names: kinds by name, or "write" for any write.
 class KindSet {
 public:
@@ -72,12 +85,12 @@ private:
     static bool any_glob(const std::vector<Glob>& patterns, std::string_view value);
     Match match_;
     std::vector<Glob> user_, database_, application_name_, client_;
+    std::vector<TablePattern> tables_;
     std::vector<Cidr> networks_;
     KindSet kinds_;
 };
 
-// Does a table pattern ("audit.*", "orders", "*.secrets") match a table name as written
-// in a statement ("audit.log", "orders")? Unqualified names count as schema "public".
+// TablePattern(pattern).matches(table), for one-off checks.
 bool table_matches(std::string_view pattern, std::string_view table);
 
 }  // namespace pgwarden::policy

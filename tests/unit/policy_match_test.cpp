@@ -326,6 +326,17 @@ TEST_CASE("match: table patterns", "[match]") {
     CHECK(table_matches("*", "anything"));
     CHECK(table_matches("*", "s.anything"));
     CHECK(table_matches("*.*", "t"));
+    // "public." is put in front of names of any length (longer than the stack buffer too).
+    const std::string long_name(200, 'x');
+    CHECK(table_matches("public.x*", long_name));
+    CHECK(table_matches("*." + long_name, long_name));
+    CHECK_FALSE(table_matches("public.y*", long_name));
+    // A compiled pattern is reused for many names.
+    const pgwarden::policy::TablePattern audit("*.audit_0");
+    CHECK(audit.matches("audit_0"));
+    CHECK(audit.matches("s.audit_0"));
+    CHECK_FALSE(audit.matches("pgbench_accounts"));
+    CHECK_FALSE(audit.matches("s.audit_01"));
     // Quoted names keep their case; patterns compare exactly.
     CHECK(table_matches("Mixed.Case", "Mixed.Case"));
     CHECK_FALSE(table_matches("mixed.case", "Mixed.Case"));
