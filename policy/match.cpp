@@ -165,7 +165,7 @@ bool Matcher::matches_client(const ClientIdentity& identity, std::string_view cl
 
 bool Matcher::matches_statement(const StatementInfo& statement) const {
     if (!kinds_.empty() && !kinds_.matches(statement)) return false;
-    if (!match_.tables.empty()) {
+    if (!tables_.empty()) {
         if (statement.unknown) return true;
         for (const auto& pattern : tables_)
             for (const auto& table : statement.tables)

@@ -5,12 +5,9 @@
 
 namespace pgwarden::proxy {
 
-awaitable<std::size_t> Stream::read_some(asio::mutable_buffer buffer, error_code& ec, bool drained) {
-    // Waiting is always an asynchronous read, never async_wait: Asio re-arms the
-    // descriptor in the kernel (epoll_ctl) for every wait, but not for a read, whose
-    // readiness it already watches.
+awaitable<std::size_t> Stream::read_some(asio::mutable_buffer buffer, error_code& ec) {
     std::size_t n = 0;
-    if (!drained && try_read(buffer, n, ec)) co_return n;
+    if (try_read(buffer, n, ec)) co_return n;
     co_return co_await wait_read(buffer, ec);
 }
 

@@ -20,9 +20,7 @@ public:
     bool is_open() const { return socket_.is_open(); }
 
     // Reads at least one byte; 0 bytes and `ec` set on error or end of stream.
-    // `drained`: the caller consumed everything the last read returned and expects to
-    // wait (an idle session): skip the synchronous attempt and wait in the event loop.
-    awaitable<std::size_t> read_some(asio::mutable_buffer buffer, error_code& ec, bool drained = false);
+    awaitable<std::size_t> read_some(asio::mutable_buffer buffer, error_code& ec);
     // read_some in two halves, for the relay loops, which run for every message. try_read
     // takes bytes that are already there without a coroutine: true when it finished (bytes
     // read, or `ec` set). When it returns false, or the caller knows the socket is drained,
@@ -47,6 +45,9 @@ public:
         }
         return true;
     }
+    // Waiting is always an asynchronous read, never async_wait: Asio re-arms the
+    // descriptor in the kernel (epoll_ctl) for every wait, but not for a read, whose
+    // readiness it already watches.
     awaitable<std::size_t> wait_read(asio::mutable_buffer buffer, error_code& ec) {
         reads_without_wait_ = 0;
         if (tls_) return tls_->async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
