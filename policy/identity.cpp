@@ -86,6 +86,7 @@ std::string_view ClientIdentity::setting(std::string_view name) const {
 }
 
 void ClientIdentity::apply_set(const StatementInfo& set, bool in_transaction_block) {
+    changed();
     if (set.reset_all) {
         // RESET ALL / DISCARD ALL: back to the startup values.
         session_.clear();
@@ -111,27 +112,34 @@ void ClientIdentity::apply_set(const StatementInfo& set, bool in_transaction_blo
 }
 
 void ClientIdentity::begin_transaction() {
+    changed();
     session_at_begin_ = session_;
     savepoints_.clear();
     local_.clear();
 }
 
 void ClientIdentity::commit_transaction() {
+    changed();
     session_at_begin_.reset();
     savepoints_.clear();
     local_.clear();
 }
 
 void ClientIdentity::rollback_transaction() {
+    changed();
     if (session_at_begin_) session_ = std::move(*session_at_begin_);
     session_at_begin_.reset();
     savepoints_.clear();
     local_.clear();
 }
 
-void ClientIdentity::savepoint(const std::string& name) { savepoints_.push_back({name, session_, local_}); }
+void ClientIdentity::savepoint(const std::string& name) {
+    changed();
+    savepoints_.push_back({name, session_, local_});
+}
 
 void ClientIdentity::release_savepoint(const std::string& name) {
+    changed();
     for (auto it = savepoints_.rbegin(); it != savepoints_.rend(); ++it) {
         if (it->name == name) {
             savepoints_.erase(std::next(it).base(), savepoints_.end());
@@ -141,6 +149,7 @@ void ClientIdentity::release_savepoint(const std::string& name) {
 }
 
 void ClientIdentity::rollback_to_savepoint(const std::string& name) {
+    changed();
     for (auto it = savepoints_.rbegin(); it != savepoints_.rend(); ++it) {
         if (it->name == name) {
             session_ = it->session;

@@ -30,11 +30,15 @@ public:
     void set_application_name(std::string value) {
         application_name_ = std::move(value);
         match_version_ = next_match_version();
+        version_ = match_version_;
     }
     // Changes whenever user, database, application_name or address may have changed, and
     // is never reused (copies share it until one of them changes): a rule-match result
     // cached with it stays right while it is the same.
     std::uint64_t match_version() const { return match_version_; }
+    // Like match_version(), for everything resolve() reads: settings too. A name
+    // resolved for a statement without tags stays right while it is the same.
+    std::uint64_t version() const { return version_; }
 
     // The effective value of a setting ("" when unset), as the server would see it now.
     std::string_view setting(std::string_view name) const;
@@ -65,6 +69,8 @@ private:
     }
     std::string user_, database_, application_name_, address_;
     std::uint64_t match_version_ = next_match_version();
+    std::uint64_t version_ = match_version_;
+    void changed() { version_ = next_match_version(); }
     Settings defaults_;   // from startup
     Settings session_;    // SET (session level), overrides defaults
     Settings local_;      // SET LOCAL, until the transaction ends

@@ -196,19 +196,15 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
             return on_execute(message);
         case wire::fe::kClose:
             return on_close(message);
-        case wire::fe::kDescribe: {
-            Pending p;
-            p.kind = Pending::Kind::kDescribe;
-            push(std::move(p));
+        case wire::fe::kDescribe:
+            emplace(Pending::Kind::kDescribe);
+            pushed();
             return {};
-        }
-        case wire::fe::kSync: {
+        case wire::fe::kSync:
             probe_until_sync_ = false;
-            Pending p;
-            p.kind = Pending::Kind::kSync;
-            push(std::move(p));
+            emplace(Pending::Kind::kSync);
+            pushed();
             return {};
-        }
         case wire::fe::kFunctionCall:
             return on_function_call();
         default:
@@ -218,8 +214,8 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
 
 Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
     received_ = policy::Clock::now();
-    Pending entry;
-    entry.kind = Pending::Kind::kQuery;
+    // Built in place at the end of the queue; pushed() once it is complete.
+    Pending& entry = emplace(Pending::Kind::kQuery);
     entry.sent = received_;
     ClientStep step;
     std::string text;            // what the server gets, when it differs from `sql`
@@ -244,14 +240,16 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
             wire::append_ready_for_query(entry.synthetic, client_status());
             step.action = ClientStep::Action::kDrop;
         }
-        push(std::move(entry));
+        pushed();
         return step;
     }
 
     auto classification = runtime_.classifier().classify(sql);
     const auto& statements = classification->statements;
     const TxState tx_at_start = tracker_.state();
-    const policy::TransactionTracker tracker_at_start = tracker_;
+    // A throttle that rejects the Query takes back what its statements did to the tracker.
+    std::optional<policy::TransactionTracker> tracker_at_start;
+    if (policies_->throttle) tracker_at_start = tracker_;
     struct Candidate {
         const policy::StatementInfo* statement;
         std::string client;
@@ -356,20 +354,19 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         note_throttle(verdict, sql, candidates.front().statement->kind);
         if (verdict.rejects()) {
             // Nothing of it runs: the probe stands in for the whole Query.
-            tracker_ = tracker_at_start;
+            tracker_ = *tracker_at_start;
             tracker_.on_error();
             if (identity_at_query_start_) identity_ = *identity_at_query_start_;
-            Pending rejected;
-            rejected.kind = Pending::Kind::kQuery;
-            Plan plan;
+            entry = Pending{};
+            entry.kind = Pending::Kind::kQuery;
+            Plan& plan = entry.plans.emplace_back();
             plan.mode = Plan::Mode::kProbe;
             plan.error = error_bytes({verdict.error.sqlstate, verdict.error.message, verdict.error.detail,
                                       verdict.error.hint});
-            rejected.plans.push_back(std::move(plan));
             ClientStep reject;
             reject.action = ClientStep::Action::kReplace;
             wire::append_query(reject.replacement, kProbeSql);
-            push(std::move(rejected));
+            pushed();
             return reject;
         }
         if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until))
@@ -390,7 +387,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
     }
     if (!rewritten) {
         if (statements.empty()) entry.plans.clear();
-        push(std::move(entry));
+        pushed();
         return step;
     }
     if (!server_work) {
@@ -405,12 +402,12 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         wire::append_ready_for_query(entry.synthetic, client_status());
         entry.plans.clear();
         step.action = ClientStep::Action::kDrop;
-        push(std::move(entry));
+        pushed();
         return step;
     }
     step.action = ClientStep::Action::kReplace;
     wire::append_query(step.replacement, text);
-    push(std::move(entry));
+    pushed();
     return step;
 }
 
@@ -466,19 +463,20 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
 
 Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
     auto bind = wire::parse_bind(body_of(message));
-    Pending entry;
-    entry.kind = Pending::Kind::kBind;
     if (bind) {
-        std::string name(bind->statement);
-        auto it = statements_.find(name);
-        std::string portal(bind->portal);
-        if (it != statements_.end() && closing_statements_.count(name) == 0)
-            portals_[portal] = it->second;
+        std::shared_ptr<const policy::Classification> classification;
+        if (auto it = statements_.find(bind->statement);
+            it != statements_.end() && (closing_statements_.empty() || !closing_statements_.contains(bind->statement)))
+            classification = it->second;  // else unknown: fail closed at Execute
+        if (auto it = portals_.find(bind->portal); it != portals_.end())
+            it->second = std::move(classification);
         else
-            portals_.erase(portal);  // unknown: fail closed at Execute
-        closing_portals_.erase(portal);
+            portals_.emplace(std::string(bind->portal), std::move(classification));
+        if (!closing_portals_.empty())
+            if (auto it = closing_portals_.find(bind->portal); it != closing_portals_.end()) closing_portals_.erase(it);
     }
-    push(std::move(entry));
+    emplace(Pending::Kind::kBind);
+    pushed();
     return {};
 }
 
@@ -525,8 +523,8 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     }
     std::shared_ptr<const policy::Classification> classification;
     if (execute) {
-        std::string portal(execute->portal);
-        if (auto it = portals_.find(portal); it != portals_.end() && closing_portals_.count(portal) == 0)
+        if (auto it = portals_.find(execute->portal);
+            it != portals_.end() && (closing_portals_.empty() || !closing_portals_.contains(execute->portal)))
             classification = it->second;
     }
     if (classification && classification->statements.empty()) {
@@ -542,9 +540,8 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     std::string_view text = classification ? std::string_view(classification->log_text) : std::string_view{};
     Decision decision = decide(statement, text, true);
     step.delay_until = decision.delay_until;
-    Plan throttled;
-    if (decision.throttle_candidate && !policies_->throttle && !policies_->pipeline.empty())
-        attach_throttle(throttled, classification, decision.effective, decision.client);
+    // Whether the plan must carry what the throttle or the pipeline's after-hook needs.
+    bool throttled = decision.throttle_candidate && !policies_->throttle && !policies_->pipeline.empty();
     if (decision.throttle_candidate && policies_->throttle) {
         policy::StatementContext context{*decision.effective, {}, identity_, decision.client, tracker_.state(),
                                          tracker_.depth(), true, session_id_, &throttle_matches_, received_};
@@ -559,19 +556,18 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         } else {
             if (verdict.delay_until && (!step.delay_until || *verdict.delay_until > *step.delay_until))
                 step.delay_until = verdict.delay_until;
-            attach_throttle(throttled, classification, decision.effective, decision.client);
+            throttled = true;
         }
     }
 
     if (decision.steps.empty()) {
-        Pending entry;
-        entry.kind = Pending::Kind::kExecute;
+        Pending& entry = emplace(Pending::Kind::kExecute);
         entry.sent = received_;
-        Plan plan = std::move(throttled);
+        Plan& plan = entry.plans.emplace_back();
+        if (throttled) attach_throttle(plan, classification, decision.effective, decision.client);
         plan.kind = statement.kind;
         plan.before = std::move(decision.notices);
-        entry.plans.push_back(std::move(plan));
-        push(std::move(entry));
+        pushed();
         return step;
     }
 
@@ -711,10 +707,10 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
                                                                                   : &unknown_statement();
     }
     const bool prepare_only = !input.prepare_name.empty();
-    std::string client = identity_.resolve(config_->identity, statement);
+    decision.client = client_name(statement);
+    const std::string& client = decision.client;
     count_statement(prepare_only ? unknown_statement() : *statement, client);
     decision.effective = statement;
-    decision.client = client;
     decision.throttle_candidate = !prepare_only;
     Candidate candidate{decision};
     auto& m = metrics::proxy_metrics();
@@ -733,7 +729,9 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     // Inside a failed block the server refuses the statement (25P02) without running it:
     // it costs no tokens and is no throttle's to reject.
     if (before == TxState::kFailed) decision.throttle_candidate = false;
-    const std::string outer = tracker_.outer_begin_statement();
+    // The outer transaction's first statement, for the log lines of a nested BEGIN or an
+    // early COMMIT (only transaction control can cause those).
+    const std::string outer = transaction_control ? tracker_.outer_begin_statement() : std::string();
     auto tc = tracker_.on_statement(prepare_only ? input : *statement, sql, mode);
     if (tc.nested_begin) {
         m.nested_begins.labels({m.clients.label(client), policy::to_string(mode)}).inc();
@@ -890,6 +888,20 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
         }
     }
     return decision;
+}
+
+const std::string& Interceptor::client_name(const policy::StatementInfo* statement) {
+    if (statement && !statement->tags.empty()) {
+        tagged_client_ = identity_.resolve(config_->identity, statement);
+        return tagged_client_;
+    }
+    // Without tags the name depends only on the identity and the configuration.
+    if (!resolved_config_ || resolved_config_ != config_ || resolved_version_ != identity_.version()) {
+        resolved_client_ = identity_.resolve(config_->identity, nullptr);
+        resolved_config_ = config_;
+        resolved_version_ = identity_.version();
+    }
+    return resolved_client_;
 }
 
 void Interceptor::track_prepared(const policy::StatementInfo& s, Decision& decision) {
@@ -1189,7 +1201,13 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
         tracker_.on_ready_for_query(actual);
         errors_in_flight_ = false;
         if (actual == TxState::kIdle) {
-            portals_.clear();
+            // Portals end with their transaction. The names stay (up to a few), mapped to
+            // null, so that the next Bind of the same name allocates nothing.
+            if (portals_.size() > kKeptPortalNames) {
+                portals_.clear();
+            } else {
+                for (auto& [name, classification] : portals_) classification.reset();
+            }
             identity_at_query_start_.reset();
         }
     }

@@ -14,7 +14,6 @@
 // skipped on this side.
 #pragma once
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -26,6 +25,7 @@
 #include "policy/identity.hpp"
 #include "policy/pipeline.hpp"
 #include "policy/transaction.hpp"
+#include "proxy/ring_queue.hpp"
 #include "proxy/runtime.hpp"
 
 namespace pgwarden::proxy {
@@ -125,6 +125,19 @@ private:
         char closed_target = 0;    // kClose: 'S' or 'P' (name in `name`)
         std::string synthetic;     // kSynthetic: everything the client gets for it
         policy::Clock::time_point sent{};
+
+        // Back to a new entry's state, keeping the memory of `plans` and the strings for
+        // the next entry in the same slot of the queue.
+        void reset() {
+            kind = Kind::kSync;
+            started = failed = swallow = created = false;
+            next = 0;
+            plans.clear();
+            name.clear();
+            closed_target = 0;
+            synthetic.clear();
+            sent = {};
+        }
     };
 
     // How one client statement is carried out.
@@ -149,6 +162,8 @@ private:
     ClientStep on_function_call();
 
     Decision decide(const policy::StatementInfo& statement, std::string_view sql, bool extended);
+    // The client name for a statement (identity sources, then the statement's tags).
+    const std::string& client_name(const policy::StatementInfo* statement);
     void track_prepared(const policy::StatementInfo& statement, Decision& decision);
     // A Query failed at plan `from`: what it and later statements did to prepared
     // statements did not happen.
@@ -166,6 +181,16 @@ private:
     // Extended protocol: runs `sql` through reserved statement and portal names.
     void inject_extended(std::string& out, const std::string& sql, Plan plan);
     void push(Pending&& pending);
+    // push() without moving an entry: the caller fills in the entry returned (in its
+    // reset state), then calls pushed(); nothing else may touch the queue in between.
+    Pending& emplace(Pending::Kind kind) {
+        Pending& entry = queue_.emplace_back();
+        entry.kind = kind;
+        return entry;
+    }
+    void pushed() {
+        if (queue_.size() == 1) activate_front(immediate_);
+    }
     // Emits what the front entry says before its first server response (notices and
     // results of statements pgwarden answered itself), popping entries that are
     // entirely synthetic.
@@ -189,13 +214,23 @@ private:
     // its latency metric and the throttles.
     policy::Clock::time_point received_{};
     bool probe_until_sync_ = false;  // a probe was sent in this batch: the server skips to Sync
-    std::deque<Pending> queue_;
+    RingQueue<Pending> queue_;
     std::string immediate_;
-    std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> statements_;
-    std::unordered_map<std::string, std::shared_ptr<const policy::Classification>> portals_;
+    // Maps keyed by statement or portal name, looked up by the string_view a message holds.
+    struct NameHash {
+        using is_transparent = void;
+        std::size_t operator()(std::string_view name) const { return std::hash<std::string_view>{}(name); }
+    };
+    template <class T>
+    using NameMap = std::unordered_map<std::string, T, NameHash, std::equal_to<>>;
+    NameMap<std::shared_ptr<const policy::Classification>> statements_;
+    // A portal whose statement is unknown maps to null (as does one that ended with its
+    // transaction, until the name is bound again): Execute treats both as unknown.
+    NameMap<std::shared_ptr<const policy::Classification>> portals_;
     // Names with a Close in flight (count of Closes): uses of them count as unknown.
-    std::unordered_map<std::string, int> closing_statements_;
-    std::unordered_map<std::string, int> closing_portals_;
+    NameMap<int> closing_statements_;
+    NameMap<int> closing_portals_;
+    static constexpr std::size_t kKeptPortalNames = 8;
     std::optional<policy::ClientIdentity> identity_at_query_start_;
     std::vector<std::shared_ptr<policy::Reservation>> reservations_;
     // Lint: consecutive autocommitted writes (a finding at kAutocommitRunLength, once per run).
@@ -204,6 +239,11 @@ private:
     int autocommit_run_ = 0;
     policy::Clock::time_point last_autocommit_write_{};
     std::string delaying_rule_;
+    // client_name(): the name of untagged statements, for this identity version and configuration.
+    std::string resolved_client_;
+    std::shared_ptr<const policy::Config> resolved_config_;
+    std::uint64_t resolved_version_ = 0;
+    std::string tagged_client_;
 
     // Cached counters for pgwarden_statements_total: one per kind for the current client.
     std::string counted_client_;

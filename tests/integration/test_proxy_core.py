@@ -347,3 +347,49 @@ def test_large_rows_and_many_small_ones(proxy):
         assert echoed == 5 * 1024 * 1024
         rows = conn.execute("select g from generate_series(1, 200000) g").fetchall()
         assert len(rows) == 200000 and rows[-1] == (200000,)
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_client_name_follows_set_rollback_and_set_local(pgwarden_factory, protocol):
+    """pgwarden keeps the client name of statements without tags from one statement to the
+    next while the session's identity stays the same: every SET, ROLLBACK and end of a
+    SET LOCAL must show in the next statement's client label."""
+    if harness.direct_mode():
+        pytest.skip("reads pgwarden's metrics")
+    from nesting_util import metric
+    proxy = pgwarden_factory('[identity]\nsources = ["setting:pgwarden.client", "application_name"]\n')
+    steps = [
+        ("select 1", "namer"),
+        ("set pgwarden.client = 'a'", None),
+        ("select 1", "a"),
+        ("begin", None),
+        ("set pgwarden.client = 'b'", None),
+        ("select 1", "b"),
+        ("rollback", None),
+        ("select 1", "a"),
+        ("begin", None),
+        ("set local pgwarden.client = 'c'", None),
+        ("select 1", "c"),
+        ("commit", None),
+        ("select 1", "a"),
+        ("reset pgwarden.client", None),
+        ("select 1", "namer"),
+    ]
+    expected: dict[str, int] = {}
+    with pgwire.RawConnection(proxy.host, proxy.port) as raw:
+        assert raw.startup("postgres", application_name="namer").error is None
+        for sql, client in steps:
+            if protocol == "simple":
+                raw.query(sql)
+            else:
+                raw.parse("", sql)
+                raw.bind("", "")
+                raw.execute()
+                raw.sync()
+            answers = raw.read_until("Z")
+            assert [t for t, _ in answers if t == "E"] == [], (sql, answers)
+            if client:
+                expected[client] = expected.get(client, 0) + 1
+    assert expected == {"namer": 2, "a": 3, "b": 1, "c": 1}
+    for client, count in expected.items():
+        assert metric(proxy, "pgwarden_statements_total", kind="select", client=client) == count, client

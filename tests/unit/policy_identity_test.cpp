@@ -421,6 +421,43 @@ TEST_CASE("identity: resolve follows SET LOCAL and rollbacks", "[identity]") {
     CHECK(identity.resolve(config, nullptr) == "tenant:1");
 }
 
+TEST_CASE("identity: version() moves with every change resolve() could see", "[identity]") {
+    // The interceptor keeps the name of untagged statements while version() stays the
+    // same: a change that kept it would leave a stale client name.
+    IdentityConfig config;
+    config.sources = {"setting:pgwarden.client", "application_name", "user"};
+    Session s(Parameters{{"user", "alice"}});
+    const ClientIdentity& identity = s.identity();
+    auto step = [&](std::string_view sql, std::string_view expected) {
+        const auto before = identity.version();
+        s.run(sql);
+        CHECK(identity.version() != before);
+        CHECK(identity.resolve(config, nullptr) == expected);
+    };
+    CHECK(identity.resolve(config, nullptr) == "alice");
+    step("SET pgwarden.client = 'a'", "a");
+    step("BEGIN", "a");
+    step("SET pgwarden.client = 'b'", "b");
+    step("SAVEPOINT s", "b");
+    step("SET LOCAL pgwarden.client = 'c'", "c");
+    step("ROLLBACK TO SAVEPOINT s", "b");
+    step("SET LOCAL pgwarden.client = 'd'", "d");
+    step("RELEASE SAVEPOINT s", "d");
+    step("ROLLBACK", "a");
+    step("RESET pgwarden.client", "alice");
+
+    ClientIdentity other({{"user", "bob"}}, "");
+    const auto before = other.version();
+    other.set_application_name("worker");
+    CHECK(other.version() != before);
+    CHECK(other.resolve(config, nullptr) == "worker");
+    // A copy is the same state: it shares the version until one of them changes.
+    ClientIdentity copy = other;
+    CHECK(copy.version() == other.version());
+    copy.set_application_name("batch");
+    CHECK(copy.version() != other.version());
+}
+
 TEST_CASE("identity: every kind of source", "[identity]") {
     ClientIdentity identity({{"user", "alice"}, {"database", "shop"}, {"application_name", "web"}}, "::1");
     StatementInfo statement;

@@ -1,0 +1,59 @@
+// A first-in first-out queue on one growing array whose slots are reused: an entry that
+// leaves is reset in place (T::reset() keeps whatever memory T can reuse), so a session
+// that keeps a few statements in flight allocates nothing per statement. std::deque
+// allocates and frees a node every few entries, one per entry for large ones.
+#pragma once
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+namespace pgwarden::proxy {
+
+template <class T>
+class RingQueue {
+public:
+    bool empty() const { return size_ == 0; }
+    std::size_t size() const { return size_; }
+    std::size_t capacity() const { return slots_.size(); }
+
+    T& front() { return slots_[head_]; }
+    const T& front() const { return slots_[head_]; }
+
+    // A slot at the back, in T's reset state. References to entries stay valid until the
+    // queue grows (an emplace_back while it is full).
+    T& emplace_back() {
+        if (size_ == slots_.size()) grow();
+        T& slot = slots_[(head_ + size_) & (slots_.size() - 1)];
+        ++size_;
+        return slot;
+    }
+    void push_back(T&& value) { emplace_back() = std::move(value); }
+
+    void pop_front() {
+        slots_[head_].reset();
+        head_ = (head_ + 1) & (slots_.size() - 1);
+        --size_;
+        // A pipeline of thousands of statements does not keep its array for the session.
+        if (size_ == 0) {
+            head_ = 0;
+            if (slots_.size() > kKeptCapacity) slots_ = std::vector<T>();
+        }
+    }
+
+    static constexpr std::size_t kKeptCapacity = 16;
+
+private:
+    void grow() {
+        // Powers of two, so that positions wrap with a mask.
+        std::vector<T> bigger(slots_.empty() ? 4 : slots_.size() * 2);
+        for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
+        slots_ = std::move(bigger);
+        head_ = 0;
+    }
+
+    std::vector<T> slots_;
+    std::size_t head_ = 0;
+    std::size_t size_ = 0;
+};
+
+}  // namespace pgwarden::proxy
