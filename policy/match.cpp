@@ -57,6 +57,34 @@ bool Glob::matches(std::string_view text) const {
     return glob_match(pattern_, text);
 }
 
+bool Glob::matches_joined(std::string_view head, std::string_view tail) const {
+    const std::string_view fixed = fixed_;
+    switch (shape_) {
+        case Shape::kAny:
+            return true;
+        case Shape::kLiteral:
+            return fixed.size() == head.size() + tail.size() && fixed.starts_with(head) && fixed.ends_with(tail);
+        case Shape::kPrefix:
+            if (fixed.size() <= head.size()) return head.starts_with(fixed);
+            return fixed.starts_with(head) && tail.starts_with(fixed.substr(head.size()));
+        case Shape::kSuffix:
+            if (fixed.size() <= tail.size()) return tail.ends_with(fixed);
+            return fixed.ends_with(tail) && head.ends_with(fixed.substr(0, fixed.size() - tail.size()));
+        case Shape::kGeneral:
+            break;
+    }
+    // Identifiers are at most 63 bytes: the joined name fits on the stack.
+    char local[256];
+    if (head.size() + tail.size() <= sizeof local) {
+        std::memcpy(local, head.data(), head.size());
+        std::memcpy(local + head.size(), tail.data(), tail.size());
+        return glob_match(pattern_, std::string_view(local, head.size() + tail.size()));
+    }
+    std::string joined(head);
+    joined += tail;
+    return glob_match(pattern_, joined);
+}
+
 std::optional<Cidr> Cidr::parse(std::string_view text) {
     Cidr c;
     std::string addr(text);
@@ -167,9 +195,11 @@ bool Matcher::matches_statement(const StatementInfo& statement) const {
     if (!kinds_.empty() && !kinds_.matches(statement)) return false;
     if (!tables_.empty()) {
         if (statement.unknown) return true;
-        for (const auto& pattern : tables_)
-            for (const auto& table : statement.tables)
-                if (pattern.matches(table)) return true;
+        for (const auto& table : statement.tables) {
+            const std::size_t dot = TablePattern::last_dot(table);
+            for (const auto& pattern : tables_)
+                if (pattern.matches(table, dot)) return true;
+        }
         return false;
     }
     return true;
@@ -178,22 +208,16 @@ bool Matcher::matches_statement(const StatementInfo& statement) const {
 TablePattern::TablePattern(std::string pattern)
     : glob_(pattern), qualified_(pattern.find('.') != std::string::npos) {}
 
-bool TablePattern::matches(std::string_view table) const {
-    const std::size_t dot = table.rfind('.');
+std::size_t TablePattern::last_dot(std::string_view table) {
+    const void* dot = table.empty() ? nullptr : memrchr(table.data(), '.', table.size());
+    return dot ? std::size_t(static_cast<const char*>(dot) - table.data()) : std::string_view::npos;
+}
+
+bool TablePattern::matches(std::string_view table, std::size_t dot) const {
     if (!qualified_) return glob_.matches(dot == std::string_view::npos ? table : table.substr(dot + 1));
     if (dot != std::string_view::npos) return glob_.matches(table);
-    // A qualified pattern and an unqualified name: match against "public.<name>", built
-    // on the stack for any name PostgreSQL allows (identifiers are at most 63 bytes).
-    constexpr std::string_view kPublic = "public.";
-    char local[128];
-    if (kPublic.size() + table.size() <= sizeof local) {
-        std::memcpy(local, kPublic.data(), kPublic.size());
-        std::memcpy(local + kPublic.size(), table.data(), table.size());
-        return glob_.matches(std::string_view(local, kPublic.size() + table.size()));
-    }
-    std::string qualified(kPublic);
-    qualified += table;
-    return glob_.matches(qualified);
+    // A qualified pattern and an unqualified name: match against "public.<name>".
+    return glob_.matches_joined("public.", table);
 }
 
 bool table_matches(std::string_view pattern, std::string_view table) {

@@ -24,6 +24,8 @@ class Glob {
 public:
     explicit Glob(std::string pattern);
     bool matches(std::string_view text) const;
+    // matches(head + tail), without joining them.
+    bool matches_joined(std::string_view head, std::string_view tail) const;
 
 private:
     enum class Shape : std::uint8_t { kAny, kLiteral, kPrefix, kSuffix, kGeneral };
@@ -50,7 +52,10 @@ private:
 class TablePattern {
 public:
     explicit TablePattern(std::string pattern);
-    bool matches(std::string_view table) const;
+    bool matches(std::string_view table) const { return matches(table, last_dot(table)); }
+    // The same, with `dot` = last_dot(table) worked out once for many patterns.
+    bool matches(std::string_view table, std::size_t dot) const;
+    static std::size_t last_dot(std::string_view table);  // npos when unqualified
 
 private:
     Glob glob_;

@@ -426,3 +426,23 @@ TEST_CASE("match: compiled globs agree with glob_match", "[match]") {
         }
     }
 }
+
+TEST_CASE("match: a glob over two joined pieces agrees with the joined text", "[match]") {
+    // matches_joined("public.", name) stands for matching "public.<name>": every shape of
+    // pattern, cut at every place of every text.
+    const std::vector<std::string> patterns = {"",         "*",        "public.orders", "public.*", "*.orders",
+                                               "pub*",     "*ders",    "public.ord*",   "*c.orders", "p*c.*s",
+                                               "orders",   "*.audit_0", "nosuch_0.*",   "public.orders.x"};
+    const std::vector<std::string> texts = {"", "public.orders", "public.", "orders", "public.ordersx",
+                                            "x.orders", "public.audit_0", "pub"};
+    for (const auto& p : patterns) {
+        const pgwarden::policy::Glob glob(p);
+        for (const auto& t : texts) {
+            for (std::size_t cut = 0; cut <= t.size(); ++cut) {
+                INFO(p << " ~ " << t << " cut at " << cut);
+                CHECK(glob.matches_joined(std::string_view(t).substr(0, cut), std::string_view(t).substr(cut)) ==
+                      glob_match(p, t));
+            }
+        }
+    }
+}
