@@ -1232,13 +1232,15 @@ std::shared_ptr<const Classification> Classifier::classify(std::string_view sql)
             // Offsets before the first constant and after the last are the same in every
             // text of the shape; only the statement's length moves.
             const StatementInfo& model = found->classification->statements.front();
-            Classification copy;
-            copy.statements.push_back(model);
+            if (!spare_ || spare_.use_count() > 1) spare_ = std::make_shared<Classification>();
+            Classification& copy = *spare_;
+            copy.statements.resize(1);
+            copy.statements.front() = model;  // assignment keeps the strings' memory
             copy.statements.front().length =
                 static_cast<std::uint32_t>(sql.size() - found->tail - model.location);
-            copy.log_text = std::string(sql.substr(0, 200));
+            copy.log_text.assign(sql.substr(0, 200));
             ++shape_hits_;
-            return std::make_shared<const Classification>(std::move(copy));
+            return spare_;
         }
     }
     Classification fresh = classify_uncached(sql);

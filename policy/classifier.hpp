@@ -129,6 +129,10 @@ private:
     Lru<std::shared_ptr<const Classification>> exact_;
     Lru<Template> shapes_;
     std::string shape_;  // scratch for the current text's shape
+    // The last result of a shape hit. When nobody holds it any more (use_count() == 1:
+    // then no other owner exists that could hand out a copy), the next shape hit fills it
+    // in place instead of allocating a new classification with its strings and vectors.
+    std::shared_ptr<Classification> spare_;
     std::uint64_t hits_ = 0, misses_ = 0, shape_hits_ = 0;
 };
 

@@ -745,3 +745,33 @@ TEST_CASE("classifier: texts of one shape share a classification only where it c
         CHECK(cached.shape_hits() - shared_before == (group.shared ? group.texts.size() - 1 : 0));
     }
 }
+
+TEST_CASE("classifier: a shape hit never changes a classification someone still holds", "[classifier]") {
+    // Shape hits fill the last result in place once nobody holds it any more.
+    Classifier cached{ClassifyConfig{}};
+    ClassifyConfig none;
+    none.cache_entries = 0;
+    Classifier fresh(none);
+    const std::string first = "SELECT abalance FROM pgbench_accounts WHERE aid = 17;";
+    const std::string second = "SELECT abalance FROM pgbench_accounts WHERE aid = 1234567;";
+    const std::string third = "SELECT abalance FROM pgbench_accounts WHERE aid = 5;";
+    cached.classify(first);  // parsed: the shape is learned
+    auto held = cached.classify(second);
+    REQUIRE(cached.shape_hits() == 1);
+    const auto* held_address = held.get();
+    auto other = cached.classify(third);
+    CHECK(other.get() != held_address);
+    CHECK(same_result(*held, *fresh.classify(second)));
+    CHECK(held->log_text == second);
+    CHECK(same_result(*other, *fresh.classify(third)));
+    // Released: the next hit may reuse it, and must come out as a fresh parse says.
+    held.reset();
+    other.reset();
+    for (const std::string& text : {second, third, second}) {
+        INFO(text);
+        const auto got = cached.classify(text);
+        CHECK(same_result(*got, *fresh.classify(text)));
+        CHECK(got->log_text == text);
+    }
+    CHECK(cached.shape_hits() == 5);
+}
