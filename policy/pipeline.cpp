@@ -13,6 +13,8 @@ const char* to_string(TxState s) {
 }
 
 Verdict Pipeline::before(const StatementContext& context) const {
+    // One policy (the usual case: the rules) has nothing to combine with.
+    if (policies_.size() == 1) return policies_.front()->before(context);
     Verdict combined;
     for (const auto& policy : policies_) {
         Verdict v = policy->before(context);
