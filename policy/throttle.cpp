@@ -454,9 +454,12 @@ Verdict ThrottlePolicy::before(const StatementContext& context) {
 
 Verdict ThrottlePolicy::before_batch(const std::vector<const StatementContext*>& statements) {
     if (rules_.empty()) return Verdict::allow();
-    std::vector<Demand> demands;
+    // Reused per thread, as in before(); a Query of one statement has nothing to merge.
+    thread_local std::vector<Demand> demands;
+    demands.clear();
+    const bool merge = statements.size() > 1;
     for (const StatementContext* context : statements)
-        if (!exempt(context->statement)) add_demands(*context, demands, true);
+        if (!exempt(context->statement)) add_demands(*context, demands, merge);
     if (demands.empty()) return Verdict::allow();
     return admit(demands, statements.front()->arrived);
 }
