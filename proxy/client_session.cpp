@@ -851,11 +851,12 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
                 if (fields && (fields->severity() == "FATAL" || fields->severity() == "PANIC"))
                     server_said_goodbye_ = true;
             }
-            Interceptor::ResponseStep step;
-            if (Interceptor::observes(header.type))
-                step = interceptor.on_server_message(header.type, rest.substr(0, header.total_size()));
-            else if (interceptor.swallowing())
-                step.action = Interceptor::ResponseStep::Action::kDrop;
+            // Initialised, not assigned: no move of the step's two strings per message.
+            const bool observed = Interceptor::observes(header.type);
+            Interceptor::ResponseStep step =
+                observed ? interceptor.on_server_message(header.type, rest.substr(0, header.total_size()))
+                         : Interceptor::ResponseStep{};
+            if (!observed && interceptor.swallowing()) step.action = Interceptor::ResponseStep::Action::kDrop;
             if (header.type == wire::be::kReadyForQuery) {
                 auto tx = interceptor.tx_state();
                 set_state(interceptor.transaction().rolled_back_for_idle() || tx == policy::TxState::kFailed
