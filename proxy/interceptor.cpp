@@ -890,13 +890,10 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     return decision;
 }
 
-const std::string& Interceptor::client_name(const policy::StatementInfo* statement) {
-    if (statement && !statement->tags.empty()) {
-        tagged_client_ = identity_.resolve(config_->identity, statement);
-        return tagged_client_;
-    }
+std::string Interceptor::client_name(const policy::StatementInfo* statement) {
+    if (statement && !statement->tags.empty()) return identity_.resolve(config_->identity, statement);
     // Without tags the name depends only on the identity and the configuration.
-    if (!resolved_config_ || resolved_config_ != config_ || resolved_version_ != identity_.version()) {
+    if (resolved_config_ != config_ || resolved_version_ != identity_.version()) {
         resolved_client_ = identity_.resolve(config_->identity, nullptr);
         resolved_config_ = config_;
         resolved_version_ = identity_.version();
@@ -981,9 +978,8 @@ void Interceptor::count_transaction_end(StatementKind kind, std::string_view mes
 }
 
 void Interceptor::push(Pending&& pending) {
-    const bool was_empty = queue_.empty();
     queue_.push_back(std::move(pending));
-    if (was_empty) activate_front(immediate_);
+    pushed();
 }
 
 // ---- server side ------------------------------------------------------------------------

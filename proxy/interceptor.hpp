@@ -163,7 +163,7 @@ private:
 
     Decision decide(const policy::StatementInfo& statement, std::string_view sql, bool extended);
     // The client name for a statement (identity sources, then the statement's tags).
-    const std::string& client_name(const policy::StatementInfo* statement);
+    std::string client_name(const policy::StatementInfo* statement);
     void track_prepared(const policy::StatementInfo& statement, Decision& decision);
     // A Query failed at plan `from`: what it and later statements did to prepared
     // statements did not happen.
@@ -243,7 +243,6 @@ private:
     std::string resolved_client_;
     std::shared_ptr<const policy::Config> resolved_config_;
     std::uint64_t resolved_version_ = 0;
-    std::string tagged_client_;
 
     // Cached counters for pgwarden_statements_total: one per kind for the current client.
     std::string counted_client_;
