@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <string_view>
 
 namespace pgwarden::proxy {
@@ -51,6 +52,18 @@ public:
     }
     std::size_t free_space() const { return capacity() - end_; }
     void commit(std::size_t n) { end_ += n; }
+
+    // Room for a relay loop's next read of at least `want` bytes. A buffer that holds
+    // nothing goes back to its own small space (an idle session holds no heap buffer),
+    // unless `burst`: the last read filled its room, so more is on its way, and it reads
+    // kBurstRead bytes at a time into the heap. Without this a large answer would move
+    // in pieces of the small space, one system call each way per piece.
+    static constexpr std::size_t kBurstRead = 8 * 1024;
+    std::span<char> prepare_read(std::size_t want, bool burst) {
+        if (!burst) release_if_empty(true);
+        char* room = prepare(burst ? std::max(want, kBurstRead) : want);
+        return {room, free_space()};
+    }
 
     // Gives heap memory back when empty: big buffers always, normal ones when `all`.
     void release_if_empty(bool all) {

@@ -56,6 +56,24 @@ void append_bytes(std::vector<asio::const_buffer>& out, const char* data, std::s
     out.emplace_back(data, size);
 }
 
+// After a relay read of `n` bytes into a room of `room` bytes: a read that filled its room
+// most likely left more behind. When that room was the buffer's small space, a plain
+// socket is read again at once, into the heap, so that an answer a little larger than the
+// small space still leaves in one write; otherwise the next read, a large one, takes it.
+// True when the last read filled its room. An error here is not lost: the socket reports
+// it again at the next read, after the bytes already read are relayed.
+bool read_on(Stream& stream, Buffer& buffer, std::size_t n, std::size_t room) {
+    if (n == 0 || n < room) return false;
+    if (stream.is_tls() || buffer.on_heap()) return true;
+    const std::span<char> room_more = buffer.prepare_read(1, true);
+    const asio::mutable_buffer more(room_more.data(), room_more.size());
+    std::size_t got = 0;
+    error_code ec;
+    if (!stream.try_read(more, got, ec) || ec) return false;
+    buffer.commit(got);
+    return got == more.size();
+}
+
 bool auth_code_expects_reply(std::int32_t code) {
     switch (code) {
         case wire::auth::kCleartextPassword:
@@ -676,6 +694,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
     std::vector<asio::const_buffer> out;
     std::deque<std::string> scratch;  // replacement messages; stable addresses for `out`
     std::size_t streaming = 0;        // bytes of a CopyData still to forward as they arrive
+    bool burst = false;               // the last read filled its room: more is coming
     const std::size_t max_length = config_->proxy.max_message_bytes;
     Interceptor& interceptor = *interceptor_;
     metrics::Counter& bytes_up = metrics::proxy_metrics().bytes_in(metrics::ByteDirection::kClientToServer);
@@ -709,18 +728,26 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         if (streaming == 0 &&
             wire::read_frame(client_buffer_.data(), pending, max_length) == wire::FrameStatus::kPartial)
             want = pending.total_size() - client_buffer_.size();
-        // Everything read so far is handled: the next read waits for the client, into the
-        // buffer's own small space (idle sessions hold no heap buffer).
+        // Everything read so far is handled and nothing more is known to be coming: the
+        // next read waits for the client, into the buffer's own small space.
         const bool drained = client_buffer_.empty();
-        if (drained) client_buffer_.release_if_empty(true);
-        char* p = client_buffer_.prepare(want);
+        std::span<char> space = client_buffer_.prepare_read(want, burst);
         if (relay_stopping_) co_return End::kClientClosed;
         std::size_t n = 0;
-        const asio::mutable_buffer room(p, client_buffer_.free_space());
-        if (drained || !client_.try_read(room, n, ec)) n = co_await client_.wait_read(room, ec);
+        asio::mutable_buffer room(space.data(), space.size());
+        const bool read_now = (!drained || burst) && client_.try_read(room, n, ec);
+        if (!read_now) {
+            // Nothing more is there: a burst is over, and the wait is in the small space.
+            if (drained && burst) {
+                space = client_buffer_.prepare_read(want, false);
+                room = asio::mutable_buffer(space.data(), space.size());
+            }
+            n = co_await client_.wait_read(room, ec);
+        }
         if (relay_stopping_) co_return End::kClientClosed;
         if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
+        burst = read_on(client_, client_buffer_, n, room.size());
         note_client_activity();
 
         std::string_view data = client_buffer_.data();
@@ -805,6 +832,7 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
     std::vector<asio::const_buffer> out;
     std::deque<std::string> scratch;
     std::size_t streaming = 0;
+    bool burst = false;  // the last read filled its room: more is coming
     Interceptor& interceptor = *interceptor_;
     metrics::Counter& bytes_down = metrics::proxy_metrics().bytes_in(metrics::ByteDirection::kServerToClient);
     // Server messages are only bound by PostgreSQL's own limit: a huge DataRow is
@@ -818,14 +846,22 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             server_message_needs_body(pending.type))
             want = pending.total_size() - sbuf.size();
         const bool drained = sbuf.empty();
-        if (drained) sbuf.release_if_empty(true);
-        char* p = sbuf.prepare(want);
+        std::span<char> space = sbuf.prepare_read(want, burst);
         if (relay_stopping_) co_return End::kServerClosed;
         std::size_t n = 0;
-        const asio::mutable_buffer room(p, sbuf.free_space());
-        if (drained || !server.try_read(room, n, ec)) n = co_await server.wait_read(room, ec);
+        asio::mutable_buffer room(space.data(), space.size());
+        const bool read_now = (!drained || burst) && server.try_read(room, n, ec);
+        if (!read_now) {
+            // Nothing more is there: a burst is over, and the wait is in the small space.
+            if (drained && burst) {
+                space = sbuf.prepare_read(want, false);
+                room = asio::mutable_buffer(space.data(), space.size());
+            }
+            n = co_await server.wait_read(room, ec);
+        }
         if (ec || relay_stopping_) co_return End::kServerClosed;
         sbuf.commit(n);
+        burst = read_on(server, sbuf, n, room.size());
 
         std::string_view data = sbuf.data();
         std::size_t consumed = 0;

@@ -9,8 +9,9 @@ targets rotates each round, so drift on this shared machine spreads over all of 
 Sections (--only, comma-separated; default all):
 
     throughput  -c 16 -j 2: `-S -M simple`, `-S -M prepared`, the TPC-B-like mix
-                (-M extended), and a pipeline of 5 SELECTs per transaction (\\startpipeline,
-                -M extended), against direct / pgbouncer / pgwarden / pgwarden+pol
+                (-M extended), a pipeline of 5 SELECTs per transaction (\\startpipeline,
+                -M extended), and a SELECT of 500 rows (about 50 KB) per transaction
+                (-M prepared), against direct / pgbouncer / pgwarden / pgwarden+pol
     latency     -c 1 -j 1 -S (simple, prepared) with per-transaction logs: p50 and p99, and
                 what each proxy adds over direct
     threads     pgwarden with [proxy] threads = 1 and 2 on `-S -M simple -c 16`
@@ -82,6 +83,7 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 SECTIONS = ("throughput", "latency", "threads", "memory")
 TAG = "/* client='bench' */"
 PIPELINE_DEPTH = 5
+RANGE_ROWS = 500
 
 
 def log(message: str) -> None:
@@ -380,13 +382,18 @@ def script_text(kind: str, tagged: bool) -> str:
                   for i in range(PIPELINE_DEPTH)]
         lines.append("\\endpipeline\n")
         return "".join(lines)
+    if kind == "range":
+        # A large answer: RANGE_ROWS rows of about 100 bytes (DataRow with the filler column).
+        return (f"\\set aid random(1, 100000 * :scale - {RANGE_ROWS})\n"
+                + sql(f"SELECT aid, bid, abalance, filler FROM pgbench_accounts "
+                      f"WHERE aid BETWEEN :aid AND :aid + {RANGE_ROWS - 1}", tagged) + "\n")
     raise ValueError(kind)
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
-    script: str            # select | tpcb | pipeline
+    script: str            # select | tpcb | pipeline | range
     mode: str              # pgbench -M
     clients: int
     jobs: int
@@ -470,7 +477,7 @@ class Bench:
                                 capture_output=True, env=self.env, timeout=900, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             raise RuntimeError(f"pgbench -i failed: {result.stderr.decode(errors='replace')}")
-        for kind in ("select", "tpcb", "pipeline"):
+        for kind in ("select", "tpcb", "pipeline", "range"):
             for tagged in (False, True):
                 path = self.workdir / f"{kind}{'-tagged' if tagged else ''}.sql"
                 path.write_text(script_text(kind, tagged))
@@ -668,6 +675,7 @@ class Bench:
             Workload("S-prepared", "select", "prepared", c, j),
             Workload("tpcb-ext", "tpcb", "extended", c, j),
             Workload(f"pipeline{PIPELINE_DEPTH}-ext", "pipeline", "extended", c, j),
+            Workload(f"range{RANGE_ROWS}-prep", "range", "prepared", c, j),
         ])
 
     def latency(self, targets: list[Target]) -> None:

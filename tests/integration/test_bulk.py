@@ -124,3 +124,27 @@ def test_a_slow_reader_gets_backpressure_not_buffering(proxy, pg_server):
         client.stdout.close()
         client.stderr.close()
     harness.wait_until(lambda: pg_server.client_backends("pgw_slow_reader") == 0, 10, "the stalled session to end")
+
+
+def test_sessions_that_moved_large_answers_hold_no_large_buffers_once_idle(proxy):
+    """A large answer or statement moves through a session's heap buffer in large reads;
+    once the session is idle again that buffer must be gone, or every session that ever ran
+    a big query would keep tens of KiB. The sessions take turns, so freed buffers are
+    reused by the next one and RSS grows only if they are kept."""
+    sessions = 40
+    conns = [proxy.connect() for _ in range(sessions)]
+    try:
+        for conn in conns:
+            assert conn.execute("select 1").fetchone() == (1,)
+        rss_idle = resident_bytes(proxy.pid)
+        big_text = "y" * 100_000
+        for conn in conns:
+            rows = conn.execute("select g, repeat('x', 100) from generate_series(1, 2000) g").fetchall()
+            assert len(rows) == 2000 and rows[-1] == (2000, "x" * 100)
+            assert conn.execute("select length(%s)", (big_text,)).fetchone() == (100_000,)
+        grown = resident_bytes(proxy.pid) - rss_idle
+        # Kept buffers would be at least 16 KiB per session in each direction (640 KiB here).
+        assert grown < 320 * 1024, f"{sessions} idle sessions grew pgwarden by {grown} bytes after large answers"
+    finally:
+        for conn in conns:
+            conn.close()

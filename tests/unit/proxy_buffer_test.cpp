@@ -87,3 +87,41 @@ TEST_CASE("a default-size heap buffer is only released when asked for all") {
     buffer.release_if_empty(true);
     CHECK_FALSE(buffer.on_heap());
 }
+
+TEST_CASE("a relay read after one that filled its room is a large one, into the heap") {
+    Buffer buffer;
+    std::span<char> room = buffer.prepare_read(1, false);
+    CHECK(room.size() == Buffer::kInlineCapacity);
+    std::memset(room.data(), 'd', room.size());
+    buffer.commit(room.size());  // the small space is full: more is on its way
+    REQUIRE_FALSE(buffer.on_heap());
+
+    room = buffer.prepare_read(1, true);
+    CHECK(buffer.on_heap());
+    CHECK(room.size() >= Buffer::kBurstRead);
+    CHECK(room.size() == buffer.free_space());
+    CHECK(buffer.data() == std::string(Buffer::kInlineCapacity, 'd'));
+
+    SECTION("drained in the middle of a burst, it keeps the heap for the next read") {
+        buffer.consume(buffer.size());
+        buffer.prepare_read(1, true);
+        CHECK(buffer.on_heap());
+        CHECK(buffer.free_space() >= Buffer::kBurstRead);
+    }
+    SECTION("drained once the burst is over, it goes back to its own space") {
+        buffer.consume(buffer.size());
+        room = buffer.prepare_read(1, false);
+        CHECK_FALSE(buffer.on_heap());
+        CHECK(room.size() == Buffer::kInlineCapacity);  // the small space's size, not the heap's
+    }
+    SECTION("a partial message moves down rather than the heap buffer growing") {
+        const std::size_t capacity = buffer.size() + buffer.free_space();
+        room = buffer.prepare_read(1, true);
+        std::memset(room.data(), 'e', room.size());
+        buffer.commit(room.size());
+        buffer.consume(buffer.size() - 10);  // 10 bytes of a message left at the end
+        buffer.prepare_read(1, true);
+        CHECK(buffer.size() + buffer.free_space() == capacity);
+        CHECK(buffer.data() == std::string(10, 'e'));
+    }
+}
