@@ -2,6 +2,7 @@
 // statement of a query string is, whether it can change data, which tables it touches.
 // Text the parser rejects fails closed: one statement of kind `other` that is a write.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -129,10 +130,15 @@ private:
     Lru<std::shared_ptr<const Classification>> exact_;
     Lru<Template> shapes_;
     std::string shape_;  // scratch for the current text's shape
-    // The last result of a shape hit. When nobody holds it any more (use_count() == 1:
-    // then no other owner exists that could hand out a copy), the next shape hit fills it
-    // in place instead of allocating a new classification with its strings and vectors.
-    std::shared_ptr<Classification> spare_;
+    // Results of recent shape hits. One that nobody holds any more (use_count() == 1:
+    // then no other owner exists that could hand out a copy) is filled in place by a later
+    // shape hit instead of a new classification with its strings and vectors. Sessions
+    // hold theirs until the answer is in (throttles settle after it), so a thread with
+    // several sessions waiting on the server needs several; they are tried oldest first,
+    // the one most likely to have been let go.
+    static constexpr std::size_t kSpares = 16;
+    std::array<std::shared_ptr<Classification>, kSpares> spares_;
+    std::size_t next_spare_ = 0;
     std::uint64_t hits_ = 0, misses_ = 0, shape_hits_ = 0;
 };
 

@@ -256,7 +256,10 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         std::string_view sql;
         std::size_t plan;  // index into entry.plans
     };
-    std::vector<Candidate> candidates;
+    // Per-thread lists, reused: the common path allocates nothing. Nothing in this function
+    // waits, so no other session on the thread can use them meanwhile.
+    thread_local std::vector<Candidate> candidates;
+    candidates.clear();
     bool has_set = false;
     for (const auto& s : statements) has_set = has_set || s.kind == StatementKind::kSet;
     if (has_set && tx_at_start == TxState::kIdle) identity_at_query_start_ = identity_;
@@ -342,12 +345,14 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
 
     if (!candidates.empty() && policies_->throttle) {
         // Throttles admit or reject the Query whole.
-        std::vector<policy::StatementContext> contexts;
+        thread_local std::vector<policy::StatementContext> contexts;
+        thread_local std::vector<const policy::StatementContext*> pointers;
+        contexts.clear();
+        pointers.clear();
         contexts.reserve(candidates.size());
         for (const auto& c : candidates)
             contexts.push_back({*c.statement, c.sql, identity_, c.client, tx_at_start, tracker_.depth(), false,
                                 session_id_, &throttle_matches_, received_});
-        std::vector<const policy::StatementContext*> pointers;
         for (const auto& c : contexts) pointers.push_back(&c);
         policy::Verdict verdict = policies_->throttle->before_batch(pointers);
         // A batch logs as the kind of its first throttled statement.

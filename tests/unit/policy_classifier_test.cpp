@@ -775,3 +775,33 @@ TEST_CASE("classifier: a shape hit never changes a classification someone still 
     }
     CHECK(cached.shape_hits() == 5);
 }
+
+TEST_CASE("classifier: many classifications held at once stay as they were", "[classifier]") {
+    // A thread's sessions each hold theirs until the answer is in: more than the classifier
+    // keeps for reuse may be held at once, released in any order.
+    Classifier cached{ClassifyConfig{}};
+    ClassifyConfig none;
+    none.cache_entries = 0;
+    Classifier fresh(none);
+    auto text = [](int i) { return "SELECT abalance FROM pgbench_accounts WHERE aid = " + std::to_string(i) + ";"; };
+    cached.classify(text(0));
+    std::vector<std::pair<std::string, std::shared_ptr<const Classification>>> held;
+    auto take = [&](int i) { held.emplace_back(text(i), cached.classify(text(i))); };
+    for (int round = 0; round < 3; ++round) {
+        for (int i = 1; i <= 40; ++i) take(round * 1000 + i * 7);
+        // Every third one is let go; the others stay held while more arrive.
+        for (std::size_t i = 0; i < held.size(); i += 3) held[i].second.reset();
+        for (int i = 41; i <= 60; ++i) take(round * 1000 + i * 7);
+        std::set<const Classification*> distinct;
+        for (const auto& [sql, classification] : held) {
+            if (!classification) continue;
+            INFO(sql);
+            CHECK(distinct.insert(classification.get()).second);
+            CHECK(classification->log_text == sql);
+            CHECK(same_result(*classification, *fresh.classify(sql)));
+        }
+        std::erase_if(held, [](const auto& entry) { return !entry.second; });
+        if (round == 1) held.clear();
+    }
+    CHECK(cached.shape_hits() == 180);
+}
