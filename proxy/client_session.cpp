@@ -60,8 +60,9 @@ void append_bytes(std::vector<asio::const_buffer>& out, const char* data, std::s
 // most likely left more behind. When that room was the buffer's small space, a plain
 // socket is read again at once, into the heap, so that an answer a little larger than the
 // small space still leaves in one write; otherwise the next read, a large one, takes it.
-// True when the last read filled its room. An error here is not lost: the socket reports
-// it again at the next read, after the bytes already read are relayed.
+// True when the last read filled its room. An error here ends the session all the same:
+// after a reset or an end of stream the next read finds the end of the stream, once the
+// bytes already read are relayed (the loops end a session alike for either).
 bool read_on(Stream& stream, Buffer& buffer, std::size_t n, std::size_t room) {
     if (n == 0 || n < room) return false;
     if (stream.is_tls() || buffer.on_heap()) return true;
@@ -731,6 +732,8 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         // Everything read so far is handled and nothing more is known to be coming: the
         // next read waits for the client, into the buffer's own small space.
         const bool drained = client_buffer_.empty();
+        // TLS has no read that does not wait: an empty buffer waits in the small space.
+        if (drained && client_.is_tls()) burst = false;
         std::span<char> space = client_buffer_.prepare_read(want, burst);
         if (relay_stopping_) co_return End::kClientClosed;
         std::size_t n = 0;
@@ -846,6 +849,8 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             server_message_needs_body(pending.type))
             want = pending.total_size() - sbuf.size();
         const bool drained = sbuf.empty();
+        // TLS has no read that does not wait: an empty buffer waits in the small space.
+        if (drained && server.is_tls()) burst = false;
         std::span<char> space = sbuf.prepare_read(want, burst);
         if (relay_stopping_) co_return End::kServerClosed;
         std::size_t n = 0;
