@@ -276,8 +276,25 @@ host all {MD5_USER} {HOST}/32 md5
 host all {CLEARTEXT_USER} {HOST}/32 password
 host all all {HOST}/32 trust
 """)
-        run_checked(self._as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
-                                          "-w", "-t", "30", "start"]), timeout=40)
+        for attempt in range(3):
+            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                run_checked(self._as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l",
+                                                  str(self.log_path), "-w", "-t", "30", "start"]), timeout=40)
+                break
+            except RuntimeError:
+                # Another process (a test file running alongside) took the port between
+                # free_port() and the server's bind: try another, as Pgwarden.start does.
+                lost_port = False
+                if self.log_path.exists():
+                    with open(self.log_path, "rb") as log:
+                        log.seek(log_size)
+                        lost_port = b"Address already in use" in log.read()
+                if not lost_port or attempt == 2:
+                    raise
+                self.port = free_port()
+                with open(self.data / "postgresql.conf", "a") as conf:
+                    conf.write(f"port = {self.port}  # the one before was taken\n")
         self._started = True
         wait_until(self._accepts_queries, 30, "PostgreSQL to accept connections", interval=0.1)
         with self.connect() as conn:
