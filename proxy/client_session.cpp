@@ -56,6 +56,28 @@ void append_bytes(std::vector<asio::const_buffer>& out, const char* data, std::s
     out.emplace_back(data, size);
 }
 
+// The first half of a relay loop's read, without a coroutine: the room for a read of at
+// least `want` bytes, filled at once when the bytes are already there. True when that
+// read happened (`n` bytes, or `ec` set); otherwise `room` is where the loop waits. Once
+// everything read is handled, the next read waits for the peer in the buffer's small
+// space, unless a burst is on; when a burst finds nothing more, it is over and the wait
+// goes back to the small space. TLS has no read that does not wait, so an empty TLS
+// buffer always waits in the small space.
+bool read_without_waiting(Stream& stream, Buffer& buffer, std::size_t want, bool burst,
+                          asio::mutable_buffer& room, std::size_t& n, error_code& ec) {
+    const bool drained = buffer.empty();
+    if (drained && stream.is_tls()) burst = false;
+    std::span<char> space = buffer.prepare_read(want, burst);
+    room = asio::mutable_buffer(space.data(), space.size());
+    n = 0;
+    if ((!drained || burst) && stream.try_read(room, n, ec)) return true;
+    if (drained && burst) {
+        space = buffer.prepare_read(want, false);
+        room = asio::mutable_buffer(space.data(), space.size());
+    }
+    return false;
+}
+
 // After a relay read of `n` bytes into a room of `room` bytes: a read that filled its room
 // most likely left more behind. When that room was the buffer's small space, a plain
 // socket is read again at once, into the heap, so that an answer a little larger than the
@@ -729,24 +751,10 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
         if (streaming == 0 &&
             wire::read_frame(client_buffer_.data(), pending, max_length) == wire::FrameStatus::kPartial)
             want = pending.total_size() - client_buffer_.size();
-        // Everything read so far is handled and nothing more is known to be coming: the
-        // next read waits for the client, into the buffer's own small space.
-        const bool drained = client_buffer_.empty();
-        // TLS has no read that does not wait: an empty buffer waits in the small space.
-        if (drained && client_.is_tls()) burst = false;
-        std::span<char> space = client_buffer_.prepare_read(want, burst);
-        if (relay_stopping_) co_return End::kClientClosed;
+        asio::mutable_buffer room;
         std::size_t n = 0;
-        asio::mutable_buffer room(space.data(), space.size());
-        const bool read_now = (!drained || burst) && client_.try_read(room, n, ec);
-        if (!read_now) {
-            // Nothing more is there: a burst is over, and the wait is in the small space.
-            if (drained && burst) {
-                space = client_buffer_.prepare_read(want, false);
-                room = asio::mutable_buffer(space.data(), space.size());
-            }
+        if (!read_without_waiting(client_, client_buffer_, want, burst, room, n, ec))
             n = co_await client_.wait_read(room, ec);
-        }
         if (relay_stopping_) co_return End::kClientClosed;
         if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
@@ -848,22 +856,9 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
         if (streaming == 0 && wire::read_frame(sbuf.data(), pending) == wire::FrameStatus::kPartial &&
             server_message_needs_body(pending.type))
             want = pending.total_size() - sbuf.size();
-        const bool drained = sbuf.empty();
-        // TLS has no read that does not wait: an empty buffer waits in the small space.
-        if (drained && server.is_tls()) burst = false;
-        std::span<char> space = sbuf.prepare_read(want, burst);
-        if (relay_stopping_) co_return End::kServerClosed;
+        asio::mutable_buffer room;
         std::size_t n = 0;
-        asio::mutable_buffer room(space.data(), space.size());
-        const bool read_now = (!drained || burst) && server.try_read(room, n, ec);
-        if (!read_now) {
-            // Nothing more is there: a burst is over, and the wait is in the small space.
-            if (drained && burst) {
-                space = sbuf.prepare_read(want, false);
-                room = asio::mutable_buffer(space.data(), space.size());
-            }
-            n = co_await server.wait_read(room, ec);
-        }
+        if (!read_without_waiting(server, sbuf, want, burst, room, n, ec)) n = co_await server.wait_read(room, ec);
         if (ec || relay_stopping_) co_return End::kServerClosed;
         sbuf.commit(n);
         burst = read_on(server, sbuf, n, room.size());
