@@ -1232,25 +1232,31 @@ std::shared_ptr<const Classification> Classifier::classify(std::string_view sql)
             // Offsets before the first constant and after the last are the same in every
             // text of the shape; only the statement's length moves.
             const StatementInfo& model = found->classification->statements.front();
-            std::shared_ptr<Classification>* spare = nullptr;
+            Spare* spare = nullptr;
             for (std::size_t tried = 0; tried < kSpares && !spare; ++tried) {
-                auto& candidate = spares_[next_spare_];
+                Spare& candidate = spares_[next_spare_];
                 next_spare_ = (next_spare_ + 1) % kSpares;
-                if (!candidate || candidate.use_count() == 1) spare = &candidate;
+                if (!candidate.classification || candidate.classification.use_count() == 1) spare = &candidate;
             }
             if (!spare) {  // all held: the oldest slot takes a new one
                 spare = &spares_[next_spare_];
                 next_spare_ = (next_spare_ + 1) % kSpares;
             }
-            if (!*spare || spare->use_count() > 1) *spare = std::make_shared<Classification>();
-            Classification& copy = **spare;
-            copy.statements.resize(1);
-            copy.statements.front() = model;  // assignment keeps the strings' memory
+            if (!spare->classification || spare->classification.use_count() > 1) {
+                spare->classification = std::make_shared<Classification>();
+                spare->filled_from.reset();
+            }
+            Classification& copy = *spare->classification;
+            if (spare->filled_from != found->classification) {
+                copy.statements.resize(1);
+                copy.statements.front() = model;  // assignment keeps the strings' memory
+                spare->filled_from = found->classification;
+            }
             copy.statements.front().length =
                 static_cast<std::uint32_t>(sql.size() - found->tail - model.location);
             copy.log_text.assign(sql.substr(0, 200));
             ++shape_hits_;
-            return *spare;
+            return spare->classification;
         }
     }
     Classification fresh = classify_uncached(sql);

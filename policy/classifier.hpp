@@ -136,8 +136,16 @@ private:
     // hold theirs until the answer is in (throttles settle after it), so a thread with
     // several sessions waiting on the server needs several; they are tried oldest first,
     // the one most likely to have been let go.
+    // A spare remembers the classification it was last filled from: filled again from the
+    // same one, only the length and the log text change (its strings and vectors are
+    // already equal). Holding that classification keeps the comparison honest: no other
+    // can take its address while a spare remembers it.
     static constexpr std::size_t kSpares = 16;
-    std::array<std::shared_ptr<Classification>, kSpares> spares_;
+    struct Spare {
+        std::shared_ptr<Classification> classification;
+        std::shared_ptr<const Classification> filled_from;
+    };
+    std::array<Spare, kSpares> spares_;
     std::size_t next_spare_ = 0;
     std::uint64_t hits_ = 0, misses_ = 0, shape_hits_ = 0;
 };
