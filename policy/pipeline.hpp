@@ -40,6 +40,16 @@ struct ThrottleMatchCache {
     std::uint64_t identity_version = 0;  // ClientIdentity::match_version()
     std::string client;
     std::vector<std::uint32_t> rules;    // indexes of the rules whose match takes the client
+    // For each of `rules`: where the client's bucket of that rule was found last time, so
+    // that a statement need not hash the key and look it up again. Its shard's sweep count
+    // says whether the bucket is still there; throttle.cpp alone reads these.
+    struct BucketHint {
+        std::size_t hash = 0;        // of the bucket key
+        bool hashed = false;
+        void* bucket = nullptr;      // the Bucket, valid while its shard's sweeps == sweeps
+        std::uint64_t sweeps = 0;
+    };
+    std::vector<BucketHint> buckets;
 };
 
 struct StatementContext {

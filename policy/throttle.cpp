@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -74,6 +75,33 @@ BucketParams params_of(const ThrottleRule& rule) {
 struct Bucket {
     Fixed tat = kLongAgo;            // theoretical arrival time: when it would be full again
     Fixed penalty_until = kLongAgo;  // it refuses everything before this
+};
+
+using BucketHint = ThrottleMatchCache::BucketHint;
+
+// The lock of a shard of buckets. What it guards takes tens of nanoseconds (a lookup and
+// some arithmetic), and a statement takes one per matching rule, ten in a typical config:
+// an uncontended std::mutex costs as much again each time, an atomic exchange a fraction.
+// A waiter spins briefly, then yields, so that a holder preempted mid-way gets the core.
+class ShardLock {
+public:
+    void lock() {
+        while (held_.exchange(true, std::memory_order_acquire)) {
+            for (int spins = 0; held_.load(std::memory_order_relaxed); ++spins) {
+                if (spins < 64) {
+#if defined(__x86_64__) || defined(__i386__)
+                    __builtin_ia32_pause();
+#endif
+                } else {
+                    std::this_thread::yield();
+                }
+            }
+        }
+    }
+    void unlock() { held_.store(false, std::memory_order_release); }
+
+private:
+    std::atomic<bool> held_{false};
 };
 
 // A bucket key with its hash, computed once per statement and used both to pick the
@@ -149,10 +177,19 @@ public:
 
     // Takes `tokens` for a statement arriving `now`, if it can start within `max_wait`.
     // A refusal takes nothing and, with a penalty, closes the bucket for that long.
-    Attempt take(KeyView key, Fixed now, std::uint64_t tokens, Fixed max_wait, Fixed penalty) {
+    // `hint`, when given, is where this key's bucket was found before; it is used when no
+    // sweep has run in the shard since, and updated.
+    Attempt take(KeyView key, BucketHint* hint, Fixed now, std::uint64_t tokens, Fixed max_wait, Fixed penalty) {
         Shard& shard = shard_for(key);
         std::lock_guard lock(shard.mutex);
-        Bucket& bucket = find_or_add(shard, key, now);
+        Bucket* found = hint && hint->bucket && hint->sweeps == shard.sweeps ? static_cast<Bucket*>(hint->bucket)
+                                                                            : nullptr;
+        if (!found) found = &find_or_add(shard, key, now);
+        if (hint) {  // after find_or_add, which may sweep
+            hint->bucket = found;
+            hint->sweeps = shard.sweeps;
+        }
+        Bucket& bucket = *found;
         if (bucket.penalty_until > now) return {false, 0, bucket.penalty_until - now};
         const Fixed cost = Fixed(std::min(tokens, kMaxTokens)) * shard.params.interval;
         // More than a burst can never be on hand: such a statement waits for a full bucket
@@ -245,10 +282,12 @@ private:
     static constexpr std::size_t kFirstSweep = 1024;
 
     struct alignas(64) Shard {
-        mutable std::mutex mutex;
+        mutable ShardLock mutex;
         BucketParams params;
+        // Node-based: a bucket stays where it is until a sweep erases it.
         std::unordered_map<std::string, Bucket, KeyHash, KeyEqual> buckets;
         std::size_t sweep_at = kFirstSweep;
+        std::uint64_t sweeps = 0;  // BucketHints from before a sweep are not used
     };
 
     Shard& shard_for(KeyView key) { return shards_[(key.hash >> 32) % kShards]; }
@@ -272,6 +311,7 @@ private:
         std::erase_if(shard.buckets, [now](const auto& entry) {
             return entry.second.tat <= now && entry.second.penalty_until <= now;
         });
+        ++shard.sweeps;
         shard.sweep_at = std::max(kFirstSweep, 2 * shard.buckets.size());
     }
 
@@ -357,6 +397,7 @@ struct ThrottlePolicy::Demand {
     KeyView key;              // points into the statement's context
     std::string_view client;  // for messages and metrics
     std::uint64_t tokens = 0;
+    BucketHint* hint = nullptr;  // the session's, for a Query of one statement
 };
 
 ThrottlePolicy::ThrottlePolicy(const std::vector<ThrottleRule>& rules, std::shared_ptr<ThrottleState> state)
@@ -399,7 +440,7 @@ bool ThrottlePolicy::applies(const Compiled& rule, const StatementContext& conte
     return counts(rule, context.statement) && rule.matcher.matches_client(context.identity, context.client);
 }
 
-const std::vector<std::uint32_t>* ThrottlePolicy::matching_rules(const StatementContext& context) const {
+ThrottleMatchCache* ThrottlePolicy::matching_rules(const StatementContext& context) const {
     ThrottleMatchCache* cache = context.match_cache;
     if (!cache) return nullptr;
     if (cache->policy != serial_ || cache->identity_version != context.identity.match_version() ||
@@ -408,26 +449,40 @@ const std::vector<std::uint32_t>* ThrottlePolicy::matching_rules(const Statement
         for (std::size_t i = 0; i < rules_.size(); ++i)
             if (rules_[i].matcher.matches_client(context.identity, context.client))
                 cache->rules.push_back(static_cast<std::uint32_t>(i));
+        // The keys may have changed with the client, and the buckets with the policy.
+        cache->buckets.assign(cache->rules.size(), BucketHint{});
         cache->policy = serial_;
         cache->identity_version = context.identity.match_version();
         cache->client.assign(context.client);
     }
-    return &cache->rules;
+    return cache;
 }
 
 void ThrottlePolicy::add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const {
     // Rules of one scope share the key: hash it once.
     std::array<std::optional<KeyView>, 4> keys;
-    const std::vector<std::uint32_t>* cached = matching_rules(context);
+    ThrottleMatchCache* cache = matching_rules(context);
+    const std::vector<std::uint32_t>* cached = cache ? &cache->rules : nullptr;
     const std::size_t candidates = cached ? cached->size() : rules_.size();
     for (std::size_t n = 0; n < candidates; ++n) {
         const std::size_t i = cached ? (*cached)[n] : n;
         const Compiled& rule = rules_[i];
         if (cached ? !counts(rule, context.statement) : !applies(rule, context)) continue;
+        // The session's hints hold while the cache does; with several statements in a
+        // Query, the next statement's client may refill the cache before admit() runs.
+        BucketHint* hint = cached && !merge ? &cache->buckets[n] : nullptr;
         auto& key = keys[static_cast<std::size_t>(rule.rule.bucket)];
         if (!key) {
             const std::string_view text = bucket_key(rule.rule.bucket, context);
-            key = KeyView{text, hash_key(text)};
+            if (hint && hint->hashed) {
+                key = KeyView{text, hint->hash};
+            } else {
+                key = KeyView{text, hash_key(text)};
+            }
+        }
+        if (hint && !hint->hashed) {
+            hint->hash = key->hash;
+            hint->hashed = true;
         }
         // One token per statement; a row-cost statement reserves one and settles in after().
         if (merge) {
@@ -438,7 +493,7 @@ void ThrottlePolicy::add_demands(const StatementContext& context, std::vector<De
                 continue;
             }
         }
-        demands.push_back({i, *key, context.client, 1});
+        demands.push_back({i, *key, context.client, 1, hint});
     }
 }
 
@@ -474,7 +529,8 @@ Verdict ThrottlePolicy::admit(const std::vector<Demand>& demands, Clock::time_po
     for (std::size_t i = 0; i < demands.size(); ++i) {
         const Demand& demand = demands[i];
         const Compiled& rule = rules_[demand.rule];
-        const auto attempt = rule.buckets->take(demand.key, now, demand.tokens, rule.max_wait, rule.penalty);
+        const auto attempt =
+            rule.buckets->take(demand.key, demand.hint, now, demand.tokens, rule.max_wait, rule.penalty);
         if (!attempt.admitted) {
             // Every rule must admit: what the rules before this one reserved goes back.
             for (std::size_t j = 0; j < i; ++j)

@@ -118,7 +118,7 @@ private:
     bool applies(const Compiled& rule, const StatementContext& context) const;
     bool counts(const Compiled& rule, const StatementInfo& statement) const;
     // The rules whose match takes the context's client, from its cache when it is current.
-    const std::vector<std::uint32_t>* matching_rules(const StatementContext& context) const;
+    ThrottleMatchCache* matching_rules(const StatementContext& context) const;
     void add_demands(const StatementContext& context, std::vector<Demand>& demands, bool merge) const;
     Verdict admit(const std::vector<Demand>& demands, Clock::time_point arrived);
 

@@ -650,3 +650,29 @@ TEST_CASE("a session's rule-match cache follows identity, client and configurati
     CHECK_FALSE(write(policy, "tenant:3").rejects());  // web takes tenant:3 (its one token)
     CHECK_FALSE(write(reloaded, "tenant:3").rejects());
 }
+
+TEST_CASE("a session's remembered bucket is looked up again once a sweep may have removed it", "[throttle]") {
+    // A session keeps where its bucket of each rule is, to skip the lookup; a sweep forgets
+    // full buckets, so what it kept must not be used after one (ASan sees a stale one too).
+    Harness h;
+    auto policy = h.policy({rule("r", 1, 1)});
+    const Client kept = client("kept");
+    ThrottleMatchCache cache;
+    auto write = [&] {
+        StatementContext context{kInsert, "", kept.identity, kept.name};
+        context.match_cache = &cache;
+        return policy->before(context);
+    };
+    CHECK_FALSE(write().rejects());
+    CHECK(write().rejects());  // the same bucket, found through the session's hint
+    CHECK(tokens(*policy, "r", "kept") == Approx(0).margin(1e-6));
+    h.clock.advance(2s);  // full again: the next sweep of its shard forgets it
+    constexpr int kClients = 40000;
+    for (int i = 0; i < kClients; ++i) CHECK_FALSE(run(*policy, client("other:" + std::to_string(i))).rejects());
+    // Only "kept" was full when its shard was swept: it alone is gone.
+    REQUIRE(rule_entry(policy->describe(), "r")["bucket_count"] == kClients);
+    // A new bucket, in the map, takes the token.
+    CHECK_FALSE(write().rejects());
+    CHECK(tokens(*policy, "r", "kept") == Approx(0).margin(1e-6));
+    CHECK(write().rejects());
+}
