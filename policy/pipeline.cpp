@@ -1,7 +1,14 @@
 // Combining the verdicts of several policies.
 #include "policy/pipeline.hpp"
 
+#include <atomic>
+
 namespace pgwarden::policy {
+
+std::uint64_t next_policy_serial() {
+    static std::atomic<std::uint64_t> serials{0};
+    return serials.fetch_add(1, std::memory_order_relaxed) + 1;
+}
 
 const char* to_string(TxState s) {
     switch (s) {

@@ -30,16 +30,33 @@ struct Message {
     std::string hint;
 };
 
-// Everything a policy may look at for one statement.
-// Which throttle rules take a session's client (user, database, application_name,
-// address and client name), remembered between its statements: a session keeps one and
-// passes it in its StatementContexts, and ThrottlePolicy refreshes it when any of those
-// or the configuration changed. Only ThrottlePolicy reads or writes it.
-struct ThrottleMatchCache {
-    std::uint64_t policy = 0;            // ThrottlePolicy serial (0: empty)
+// Which rules of a policy take a session's client (user, database, application_name,
+// address and client name), remembered between its statements: a session keeps one per
+// policy kind and passes it in its StatementContexts, and the policy refills it when any
+// of those or the configuration changed. Only that policy reads or writes it.
+struct ClientMatchCache {
+    std::uint64_t policy = 0;            // the policy's serial (0: empty)
     std::uint64_t identity_version = 0;  // ClientIdentity::match_version()
     std::string client;
     std::vector<std::uint32_t> rules;    // indexes of the rules whose match takes the client
+
+    // False when the cache was filled for another policy, identity or client: then the
+    // caller fills `rules` and calls filled().
+    bool holds(std::uint64_t serial, const ClientIdentity& identity, std::string_view name) const {
+        return policy == serial && identity_version == identity.match_version() && client == name;
+    }
+    void filled(std::uint64_t serial, const ClientIdentity& identity, std::string_view name) {
+        policy = serial;
+        identity_version = identity.match_version();
+        client.assign(name);
+    }
+};
+
+// Policies get a unique serial each, for ClientMatchCache.
+std::uint64_t next_policy_serial();
+
+// The throttles' ClientMatchCache, with where the client's buckets were found.
+struct ThrottleMatchCache : ClientMatchCache {
     // For each of `rules`: where the client's bucket of that rule was found last time, so
     // that a statement need not hash the key and look it up again. Its shard's sweep count
     // says whether the bucket is still there; throttle.cpp alone reads these.
@@ -52,6 +69,7 @@ struct ThrottleMatchCache {
     std::vector<BucketHint> buckets;
 };
 
+// Everything a policy may look at for one statement.
 struct StatementContext {
     const StatementInfo& statement;
     std::string_view sql;            // this statement's text
@@ -65,6 +83,7 @@ struct StatementContext {
     // When pgwarden received the statement, read once for its latency metric too; unset
     // (epoch), a policy that needs the time reads the clock itself.
     Clock::time_point arrived{};
+    ClientMatchCache* rule_matches = nullptr;  // the session's, for RulePolicy
 };
 
 // A rule that matched, for metrics and logs (pgwarden_rule_hits_total{rule,action}).

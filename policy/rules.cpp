@@ -7,14 +7,26 @@ RulePolicy::RulePolicy(const std::vector<Rule>& rules) {
     for (const auto& r : rules) rules_.push_back({r, Matcher(r.match)});
 }
 
+const std::vector<std::uint32_t>* RulePolicy::client_rules(const StatementContext& context) const {
+    ClientMatchCache* cache = context.rule_matches;
+    if (!cache) return nullptr;
+    if (!cache->holds(serial_, context.identity, context.client)) {
+        cache->rules.clear();
+        for (std::size_t i = 0; i < rules_.size(); ++i)
+            if (!nesting_only(rules_[i].rule) && rules_[i].matcher.matches_client(context.identity, context.client))
+                cache->rules.push_back(static_cast<std::uint32_t>(i));
+        cache->filled(serial_, context.identity, context.client);
+    }
+    return &cache->rules;
+}
+
 Verdict RulePolicy::before(const StatementContext& context) {
     Verdict verdict;
-    for (const auto& [rule, matcher] : rules_) {
-        if (rule.nesting && rule.match.statements.empty() && rule.match.tables.empty()) {
-            // A rule that only sets the nesting mode says nothing about statements.
-            continue;
-        }
-        if (!matcher.matches_client(context.identity, context.client)) continue;
+    const std::vector<std::uint32_t>* cached = client_rules(context);
+    const std::size_t candidates = cached ? cached->size() : rules_.size();
+    for (std::size_t n = 0; n < candidates; ++n) {
+        const auto& [rule, matcher] = rules_[cached ? (*cached)[n] : n];
+        if (!cached && (nesting_only(rule) || !matcher.matches_client(context.identity, context.client))) continue;
         if (!matcher.matches_statement(context.statement)) continue;
         std::string message = rule.message.empty() ? "pgwarden: rule " + rule.name : rule.message;
         RuleHit hit{rule.name, rule.action};

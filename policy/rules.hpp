@@ -24,6 +24,15 @@ private:
         Rule rule;
         Matcher matcher;
     };
+    // A rule that only sets the nesting mode says nothing about statements.
+    static bool nesting_only(const Rule& rule) {
+        return rule.nesting && rule.match.statements.empty() && rule.match.tables.empty();
+    }
+    // The rules that may take this context's client: the session's cache, refilled when
+    // stale, or nullptr when the context has none (then every rule is checked).
+    const std::vector<std::uint32_t>* client_rules(const StatementContext& context) const;
+
+    std::uint64_t serial_ = next_policy_serial();
     std::vector<Compiled> rules_;
 };
 

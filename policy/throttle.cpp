@@ -402,8 +402,7 @@ struct ThrottlePolicy::Demand {
 
 ThrottlePolicy::ThrottlePolicy(const std::vector<ThrottleRule>& rules, std::shared_ptr<ThrottleState> state)
     : state_(std::move(state)) {
-    static std::atomic<std::uint64_t> serials{0};
-    serial_ = serials.fetch_add(1, std::memory_order_relaxed) + 1;
+    serial_ = next_policy_serial();
     auto buckets = state_->adopt(rules);
     rules_.reserve(rules.size());
     for (std::size_t i = 0; i < rules.size(); ++i) {
@@ -443,17 +442,14 @@ bool ThrottlePolicy::applies(const Compiled& rule, const StatementContext& conte
 ThrottleMatchCache* ThrottlePolicy::matching_rules(const StatementContext& context) const {
     ThrottleMatchCache* cache = context.match_cache;
     if (!cache) return nullptr;
-    if (cache->policy != serial_ || cache->identity_version != context.identity.match_version() ||
-        cache->client != context.client) {
+    if (!cache->holds(serial_, context.identity, context.client)) {
         cache->rules.clear();
         for (std::size_t i = 0; i < rules_.size(); ++i)
             if (rules_[i].matcher.matches_client(context.identity, context.client))
                 cache->rules.push_back(static_cast<std::uint32_t>(i));
         // The keys may have changed with the client, and the buckets with the policy.
         cache->buckets.assign(cache->rules.size(), BucketHint{});
-        cache->policy = serial_;
-        cache->identity_version = context.identity.match_version();
-        cache->client.assign(context.client);
+        cache->filled(serial_, context.identity, context.client);
     }
     return cache;
 }

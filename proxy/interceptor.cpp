@@ -277,13 +277,13 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
             candidates.push_back({decision.effective, decision.client, original, entry.plans.size()});
 
         if (decision.steps.empty() && !rewritten) {
-            Plan plan;
+            // Built where it stays: a Plan is six strings and three pointers to move.
+            Plan& plan = entry.plans.emplace_back();
             plan.kind = statement.kind;
-            plan.before = std::move(decision.notices);
-            plan.prepared = std::move(decision.prepared);
-            plan.deallocated = std::move(decision.deallocated);
-            plan.deallocated_value = std::move(decision.deallocated_value);
-            entry.plans.push_back(std::move(plan));
+            if (!decision.notices.empty()) plan.before = std::move(decision.notices);
+            if (!decision.prepared.empty()) plan.prepared = std::move(decision.prepared);
+            if (!decision.deallocated.empty()) plan.deallocated = std::move(decision.deallocated);
+            if (decision.deallocated_value) plan.deallocated_value = std::move(decision.deallocated_value);
             server_work = true;
             continue;
         }
@@ -804,6 +804,7 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     if (!prepare_only && before != TxState::kFailed && !policies_->pipeline.empty()) {
         policy::StatementContext context{*statement, sql, identity_, client, before, tracker_.depth(), extended,
                                          session_id_};
+        context.rule_matches = &rule_matches_;
         verdict = policies_->pipeline.before(context);
         if (!verdict.hits.empty() || verdict.rejects()) log_decision(verdict, *statement, sql, client);
     }

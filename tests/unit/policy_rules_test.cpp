@@ -48,10 +48,12 @@ Rule rule(std::string name, RuleAction action, Match match, std::string message 
 struct Client {
     ClientIdentity identity{{{"user", "app"}, {"database", "shop"}, {"application_name", "web-1"}}, "10.1.2.3"};
     std::string name = "tenant:42";
+    pgwarden::policy::ClientMatchCache* cache = nullptr;  // a session's, when set
 
     Verdict ask(RulePolicy& policy, std::string_view sql, TxState tx = TxState::kIdle) const {
         StatementInfo statement = classify_one(sql);
         StatementContext context{statement, sql, identity, name, tx};
+        context.rule_matches = cache;
         return policy.before(context);
     }
 };
@@ -252,4 +254,37 @@ TEST_CASE("rules: nesting_override takes the first rule for the client", "[rules
     CHECK(policy.nesting_override(app, "admin") == std::nullopt);
     // Rules without `nesting` never override, even when they match the client.
     CHECK(RulePolicy(std::vector<Rule>{plain}).nesting_override(app, "x") == std::nullopt);
+}
+
+TEST_CASE("rules: a session's rule-match cache follows identity, client and configuration changes", "[rules]") {
+    Rule web = rule("web-no-delete", RuleAction::kReject, {.application_name = {"web*"}, .statements = {"delete"}});
+    Rule tenant = rule("tenant-no-update", RuleAction::kReject, {.client = {"tenant:1"}, .statements = {"update"}});
+    Rule batch = rule("batch-flatten", RuleAction::kReject, {.user = {"app"}});
+    batch.nesting = NestingMode::kFlatten;  // judges no statement, cached or not
+    RulePolicy policy({web, tenant, batch});
+    pgwarden::policy::ClientMatchCache cache;
+    Client session;
+    session.cache = &cache;
+    session.name = "tenant:2";
+    session.identity.set_application_name("batch-1");
+    // Twice each: the first fills the cache, the second uses it.
+    for (int i = 0; i < 2; ++i) {
+        CHECK_FALSE(session.ask(policy, "DELETE FROM t").rejects());
+        CHECK_FALSE(session.ask(policy, "UPDATE t SET x = 1").rejects());
+        CHECK_FALSE(session.ask(policy, "DROP TABLE t", TxState::kInBlock).rejects());
+    }
+    // Another client name: the tenant rule takes it.
+    session.name = "tenant:1";
+    for (int i = 0; i < 2; ++i) CHECK(session.ask(policy, "UPDATE t SET x = 1").rule == "tenant-no-update");
+    // SET application_name: the web rule takes it too.
+    session.identity.set_application_name("web-1");
+    for (int i = 0; i < 2; ++i) CHECK(session.ask(policy, "DELETE FROM t").rule == "web-no-delete");
+    // A copy restored (as after a rolled-back SET) is checked again.
+    session.identity = Client().identity;
+    session.identity.set_application_name("batch-2");
+    CHECK_FALSE(session.ask(policy, "DELETE FROM t").rejects());
+    // A reloaded policy does not use what the old one cached.
+    RulePolicy reloaded({rule("all-deletes", RuleAction::kReject, {.statements = {"delete"}})});
+    CHECK(session.ask(reloaded, "DELETE FROM t").rule == "all-deletes");
+    CHECK_FALSE(session.ask(policy, "DELETE FROM t").rejects());
 }
