@@ -191,18 +191,18 @@ bool Matcher::matches_client(const ClientIdentity& identity, std::string_view cl
     return true;
 }
 
-bool Matcher::matches_statement(const StatementInfo& statement) const {
-    if (!kinds_.empty() && !kinds_.matches(statement)) return false;
-    if (!tables_.empty()) {
-        if (statement.unknown) return true;
-        for (const auto& table : statement.tables) {
-            const std::size_t dot = TablePattern::last_dot(table);
-            for (const auto& pattern : tables_)
-                if (pattern.matches(table, dot)) return true;
-        }
-        return false;
+bool Matcher::matches_kind(const StatementInfo& statement) const {
+    return kinds_.empty() || kinds_.matches(statement);
+}
+
+bool Matcher::matches_tables(const StatementInfo& statement) const {
+    if (tables_.empty() || statement.unknown) return true;
+    for (const auto& table : statement.tables) {
+        const std::size_t dot = TablePattern::last_dot(table);
+        for (const auto& pattern : tables_)
+            if (pattern.matches(table, dot)) return true;
     }
-    return true;
+    return false;
 }
 
 TablePattern::TablePattern(std::string pattern)

@@ -84,7 +84,14 @@ public:
 
     bool matches_client(const ClientIdentity& identity, std::string_view client) const;
     // Statement kinds and tables (only set for [[rule]]); true when neither is given.
-    bool matches_statement(const StatementInfo& statement) const;
+    bool matches_statement(const StatementInfo& statement) const {
+        return matches_kind(statement) && matches_tables(statement);
+    }
+    // The two halves of matches_statement(). The tables' answer depends on nothing but
+    // the statement's tables (and `unknown`), so a caller may remember it.
+    bool matches_kind(const StatementInfo& statement) const;
+    bool matches_tables(const StatementInfo& statement) const;
+    bool has_tables() const { return !tables_.empty(); }
 
 private:
     static bool any_glob(const std::vector<Glob>& patterns, std::string_view value);

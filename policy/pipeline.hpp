@@ -69,6 +69,14 @@ struct ThrottleMatchCache : ClientMatchCache {
     std::vector<BucketHint> buckets;
 };
 
+// The rules' ClientMatchCache, with which rules' table patterns take the tables of the
+// session's last statement: an application sends the same few statements again and
+// again, and a table pattern costs a comparison per table each time.
+struct RuleMatchCache : ClientMatchCache {
+    std::vector<std::string> tables;         // of the statement the answers below are for
+    std::vector<std::int8_t> table_matches;  // per rule: 1 taken, 0 not, -1 not asked yet
+};
+
 // Everything a policy may look at for one statement.
 struct StatementContext {
     const StatementInfo& statement;
@@ -83,7 +91,7 @@ struct StatementContext {
     // When pgwarden received the statement, read once for its latency metric too; unset
     // (epoch), a policy that needs the time reads the clock itself.
     Clock::time_point arrived{};
-    ClientMatchCache* rule_matches = nullptr;  // the session's, for RulePolicy
+    RuleMatchCache* rule_matches = nullptr;  // the session's, for RulePolicy
 };
 
 // A rule that matched, for metrics and logs (pgwarden_rule_hits_total{rule,action}).

@@ -8,7 +8,7 @@ RulePolicy::RulePolicy(const std::vector<Rule>& rules) {
 }
 
 const std::vector<std::uint32_t>* RulePolicy::client_rules(const StatementContext& context) const {
-    ClientMatchCache* cache = context.rule_matches;
+    RuleMatchCache* cache = context.rule_matches;
     if (!cache) return nullptr;
     if (!cache->holds(serial_, context.identity, context.client)) {
         cache->rules.clear();
@@ -16,8 +16,23 @@ const std::vector<std::uint32_t>* RulePolicy::client_rules(const StatementContex
             if (!nesting_only(rules_[i].rule) && rules_[i].matcher.matches_client(context.identity, context.client))
                 cache->rules.push_back(static_cast<std::uint32_t>(i));
         cache->filled(serial_, context.identity, context.client);
+        cache->table_matches.assign(rules_.size(), -1);  // maybe other rules now
     }
     return &cache->rules;
+}
+
+bool RulePolicy::tables_match(std::size_t index, const StatementContext& context) const {
+    const Matcher& matcher = rules_[index].matcher;
+    RuleMatchCache* cache = context.rule_matches;
+    const StatementInfo& statement = context.statement;
+    if (!cache || !matcher.has_tables() || statement.unknown) return matcher.matches_tables(statement);
+    if (cache->tables != statement.tables || cache->table_matches.size() != rules_.size()) {
+        cache->tables = statement.tables;
+        cache->table_matches.assign(rules_.size(), -1);
+    }
+    std::int8_t& known = cache->table_matches[index];
+    if (known < 0) known = matcher.matches_tables(statement) ? 1 : 0;
+    return known == 1;
 }
 
 Verdict RulePolicy::before(const StatementContext& context) {
@@ -25,9 +40,10 @@ Verdict RulePolicy::before(const StatementContext& context) {
     const std::vector<std::uint32_t>* cached = client_rules(context);
     const std::size_t candidates = cached ? cached->size() : rules_.size();
     for (std::size_t n = 0; n < candidates; ++n) {
-        const auto& [rule, matcher] = rules_[cached ? (*cached)[n] : n];
+        const std::size_t index = cached ? (*cached)[n] : n;
+        const auto& [rule, matcher] = rules_[index];
         if (!cached && (nesting_only(rule) || !matcher.matches_client(context.identity, context.client))) continue;
-        if (!matcher.matches_statement(context.statement)) continue;
+        if (!matcher.matches_kind(context.statement) || !tables_match(index, context)) continue;
         std::string message = rule.message.empty() ? "pgwarden: rule " + rule.name : rule.message;
         RuleHit hit{rule.name, rule.action};
         verdict.hits.push_back(hit);

@@ -31,6 +31,9 @@ private:
     // The rules that may take this context's client: the session's cache, refilled when
     // stale, or nullptr when the context has none (then every rule is checked).
     const std::vector<std::uint32_t>* client_rules(const StatementContext& context) const;
+    // Whether rule `index`'s table patterns take the statement's tables, remembered in
+    // the session's cache for as long as its statements touch the same tables.
+    bool tables_match(std::size_t index, const StatementContext& context) const;
 
     std::uint64_t serial_ = next_policy_serial();
     std::vector<Compiled> rules_;

@@ -210,7 +210,7 @@ private:
     bool errors_in_flight_ = false;  // predictions may be off until the next quiescent 'Z'
     bool skip_until_sync_ = false;   // pgwarden answered an extended-protocol error itself
     policy::ThrottleMatchCache throttle_matches_;  // which throttle rules take this client
-    policy::ClientMatchCache rule_matches_;        // which rules take this client
+    policy::RuleMatchCache rule_matches_;          // which rules take this client
     // When the Query, Execute or FunctionCall being decided arrived: one clock read serves
     // its latency metric and the throttles.
     policy::Clock::time_point received_{};

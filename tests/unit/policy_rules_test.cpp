@@ -48,7 +48,7 @@ Rule rule(std::string name, RuleAction action, Match match, std::string message 
 struct Client {
     ClientIdentity identity{{{"user", "app"}, {"database", "shop"}, {"application_name", "web-1"}}, "10.1.2.3"};
     std::string name = "tenant:42";
-    pgwarden::policy::ClientMatchCache* cache = nullptr;  // a session's, when set
+    pgwarden::policy::RuleMatchCache* cache = nullptr;  // a session's, when set
 
     Verdict ask(RulePolicy& policy, std::string_view sql, TxState tx = TxState::kIdle) const {
         StatementInfo statement = classify_one(sql);
@@ -262,7 +262,7 @@ TEST_CASE("rules: a session's rule-match cache follows identity, client and conf
     Rule batch = rule("batch-flatten", RuleAction::kReject, {.user = {"app"}});
     batch.nesting = NestingMode::kFlatten;  // judges no statement, cached or not
     RulePolicy policy({web, tenant, batch});
-    pgwarden::policy::ClientMatchCache cache;
+    pgwarden::policy::RuleMatchCache cache;
     Client session;
     session.cache = &cache;
     session.name = "tenant:2";
@@ -287,4 +287,45 @@ TEST_CASE("rules: a session's rule-match cache follows identity, client and conf
     RulePolicy reloaded({rule("all-deletes", RuleAction::kReject, {.statements = {"delete"}})});
     CHECK(session.ask(reloaded, "DELETE FROM t").rule == "all-deletes");
     CHECK_FALSE(session.ask(policy, "DELETE FROM t").rejects());
+}
+
+TEST_CASE("rules: the table answers a session remembers follow its statements' tables", "[rules]") {
+    Rule audit = rule("no-audit", RuleAction::kReject, {.tables = {"audit.*"}});
+    Rule orders = rule("orders-notice", RuleAction::kNotice, {.tables = {"public.orders"}}, "orders");
+    Rule writes = rule("orders-writes", RuleAction::kLog, {.statements = {"write"}, .tables = {"*.orders"}});
+    const std::vector<std::string> statements = {
+        "SELECT * FROM audit.log",
+        "SELECT * FROM orders",
+        "SELECT * FROM orders",
+        "UPDATE orders SET x = 1",
+        "SELECT * FROM t",
+        "SELECT * FROM audit.log JOIN shop.orders USING (id)",
+        "SELECT * FROM orders",
+        "SELECT * FROM audit.log",
+    };
+    pgwarden::policy::RuleMatchCache cache;
+    Client remembering;
+    remembering.cache = &cache;
+    const Client plain;
+    for (const std::vector<Rule>& set : {std::vector<Rule>{audit, orders, writes}, std::vector<Rule>{writes, orders},
+                                         std::vector<Rule>{orders, audit, writes}}) {
+        // A reload: the same cache, other rules at the same places.
+        RulePolicy policy(set);
+        for (int round = 0; round < 2; ++round) {
+            for (const auto& sql : statements) {
+                INFO(sql);
+                const Verdict expected = plain.ask(policy, sql);
+                const Verdict got = remembering.ask(policy, sql);
+                CHECK(hit_names(got) == hit_names(expected));
+                CHECK(got.rejects() == expected.rejects());
+                CHECK(got.notices.size() == expected.notices.size());
+            }
+        }
+    }
+    // The answers are the rules' own.
+    RulePolicy policy({audit, orders, writes});
+    CHECK(remembering.ask(policy, "SELECT * FROM audit.log").rejects());
+    CHECK(hit_names(remembering.ask(policy, "UPDATE orders SET x = 1")) ==
+          std::vector<std::string>{"orders-notice", "orders-writes"});
+    CHECK(remembering.ask(policy, "SELECT * FROM t").hits.empty());
 }
