@@ -800,14 +800,17 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
 
     // Then the policy pipeline (rules, throttles). Inside a failed block the server
     // refuses everything but the end of it (25P02): nothing for a policy to add.
-    policy::Verdict verdict;
+    // Without a pipeline there is no verdict to build and take apart for each statement.
+    static const policy::Verdict kNoVerdict;
+    std::optional<policy::Verdict> ran;
     if (!prepare_only && before != TxState::kFailed && !policies_->pipeline.empty()) {
         policy::StatementContext context{*statement, sql, identity_, client, before, tracker_.depth(), extended,
                                          session_id_};
         context.rule_matches = &rule_matches_;
-        verdict = policies_->pipeline.before(context);
-        if (!verdict.hits.empty() || verdict.rejects()) log_decision(verdict, *statement, sql, client);
+        ran.emplace(policies_->pipeline.before(context));
+        if (!ran->hits.empty() || ran->rejects()) log_decision(*ran, *statement, sql, client);
     }
+    const policy::Verdict& verdict = ran ? *ran : kNoVerdict;
     for (const auto& n : verdict.notices) decision.notices += notice_bytes(n);
     decision.delay_until = verdict.delay_until;
     if (verdict.rejects()) {
