@@ -1248,6 +1248,8 @@ std::shared_ptr<const Classification> Classifier::classify(std::string_view sql)
             }
             Classification& copy = *spare->classification;
             if (spare->filled_from != found->classification) {
+                // Forgotten first: a copy that throws half-way must not pass for either.
+                spare->filled_from.reset();
                 copy.statements.resize(1);
                 copy.statements.front() = model;  // assignment keeps the strings' memory
                 spare->filled_from = found->classification;

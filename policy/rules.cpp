@@ -16,7 +16,8 @@ const std::vector<std::uint32_t>* RulePolicy::client_rules(const StatementContex
             if (!nesting_only(rules_[i].rule) && rules_[i].matcher.matches_client(context.identity, context.client))
                 cache->rules.push_back(static_cast<std::uint32_t>(i));
         cache->filled(serial_, context.identity, context.client);
-        cache->table_matches.assign(rules_.size(), -1);  // maybe other rules now
+        // Needed only when the policy changed; a refill is rare enough to clear it always.
+        cache->table_matches.assign(rules_.size(), -1);
     }
     return &cache->rules;
 }

@@ -287,7 +287,9 @@ private:
         // Node-based: a bucket stays where it is until a sweep erases it.
         std::unordered_map<std::string, Bucket, KeyHash, KeyEqual> buckets;
         std::size_t sweep_at = kFirstSweep;
-        std::uint64_t sweeps = 0;  // BucketHints from before a sweep are not used
+        // Counts every erasure of buckets (only sweep() erases): a BucketHint from before
+        // one is not used. Anything that comes to erase buckets must count here too.
+        std::uint64_t sweeps = 0;
     };
 
     Shard& shard_for(KeyView key) { return shards_[(key.hash >> 32) % kShards]; }

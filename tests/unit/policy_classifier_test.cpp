@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <set>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -830,4 +831,38 @@ TEST_CASE("classifier: a reused classification is refilled when its shape change
         CHECK(same_result(*classification, *fresh.classify(sql)));
     }
     CHECK(cached.shape_hits() == 200);
+}
+
+
+TEST_CASE("classifier: reused classifications never show another text's statement (random shapes, evictions, holders)", "[classifier]") {
+    std::mt19937 rng(99);
+    ClassifyConfig tiny;
+    tiny.cache_entries = 2;  // templates evicted and rebuilt all the time
+    Classifier cached(tiny);
+    ClassifyConfig none;
+    none.cache_entries = 0;
+    Classifier fresh(none);
+    const std::vector<std::string> shapes = {
+        "SELECT abalance FROM pgbench_accounts WHERE aid = ",
+        "UPDATE pgbench_tellers SET tbalance = tbalance + 5 WHERE tid = ",
+        "/* client='tenant:7' */ DELETE FROM audit.events WHERE id = ",
+        "SELECT * FROM a.b JOIN c USING (x) WHERE y = ",
+        "INSERT INTO t (a) VALUES (",
+    };
+    std::vector<std::pair<std::shared_ptr<const Classification>, std::shared_ptr<const Classification>>> held;
+    for (int i = 0; i < 20000; ++i) {
+        const std::size_t s = std::uniform_int_distribution<std::size_t>(0, shapes.size() - 1)(rng);
+        std::string sql = shapes[s] + std::to_string(std::uniform_int_distribution<int>(0, 1 << 20)(rng));
+        if (s == 4) sql += ")";
+        sql += std::string(std::uniform_int_distribution<int>(0, 3)(rng), ' ') + ";";
+        INFO(sql);
+        auto got = cached.classify(sql);
+        auto want = fresh.classify(sql);
+        REQUIRE(same_result(*got, *want));
+        if (std::uniform_int_distribution<int>(0, 9)(rng) < 3) held.push_back({got, want});
+        if (held.size() > 20 || (!held.empty() && std::uniform_int_distribution<int>(0, 9)(rng) < 3))
+            held.erase(held.begin() + std::uniform_int_distribution<std::size_t>(0, held.size() - 1)(rng));
+        for (const auto& [g, w] : held) REQUIRE(same_result(*g, *w));
+    }
+    CHECK(cached.shape_hits() > 1000);
 }

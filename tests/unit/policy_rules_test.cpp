@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -328,4 +329,65 @@ TEST_CASE("rules: the table answers a session remembers follow its statements' t
     CHECK(hit_names(remembering.ask(policy, "UPDATE orders SET x = 1")) ==
           std::vector<std::string>{"orders-notice", "orders-writes"});
     CHECK(remembering.ask(policy, "SELECT * FROM t").hits.empty());
+}
+
+
+TEST_CASE("rules: a session's caches change no verdict (random rules, statements, identities and reloads)", "[rules]") {
+    std::mt19937 rng(12345);
+    auto pick = [&](auto const& v) { return v[std::uniform_int_distribution<std::size_t>(0, v.size() - 1)(rng)]; };
+    auto chance = [&](int percent) { return std::uniform_int_distribution<int>(0, 99)(rng) < percent; };
+    const std::vector<std::string> apps = {"web-1", "web-2", "batch", "psql"};
+    const std::vector<std::string> clients = {"tenant:1", "tenant:2", "x"};
+    const std::vector<std::string> sqls = {
+        "SELECT * FROM orders", "SELECT * FROM public.orders", "SELECT * FROM audit.log",
+        "SELECT * FROM audit.log JOIN orders USING (id)", "UPDATE orders SET x = 1", "DELETE FROM audit.log",
+        "INSERT INTO t VALUES (1)", "SELECT 1", "DROP TABLE orders", "SELECT nextval('s')", "FOO BAR",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d", "SELECT * FROM \"Orders\"",
+        "UPDATE audit.log SET x = 1", "SELECT * FROM t",
+    };
+    const std::vector<std::vector<std::string>> kinds = {{}, {}, {"write"}, {"delete"}, {"select"}, {"ddl"}, {"update", "delete"}};
+    const std::vector<std::vector<std::string>> tables = {{}, {}, {"orders"}, {"audit.*"}, {"public.orders"}, {"*.orders", "t"}, {"nothing"}};
+    const std::vector<std::vector<std::string>> appm = {{}, {}, {"web*"}, {"batch"}};
+    const std::vector<std::vector<std::string>> clim = {{}, {}, {"tenant:*"}, {"tenant:1"}};
+    auto random_rules = [&] {
+        std::vector<Rule> rules;
+        const int n = std::uniform_int_distribution<int>(0, 8)(rng);
+        for (int i = 0; i < n; ++i) {
+            Rule r = rule("r" + std::to_string(i),
+                          pick(std::vector<RuleAction>{RuleAction::kReject, RuleAction::kDoom, RuleAction::kNotice,
+                                                       RuleAction::kLog}),
+                          {.application_name = pick(appm), .client = pick(clim), .statements = pick(kinds),
+                           .tables = pick(tables)},
+                          chance(50) ? "m" + std::to_string(i) : "");
+            if (chance(20)) r.nesting = NestingMode::kFlatten;
+            rules.push_back(std::move(r));
+        }
+        return rules;
+    };
+    for (int session = 0; session < 200; ++session) {
+        auto policy = std::make_unique<RulePolicy>(random_rules());
+        pgwarden::policy::RuleMatchCache cache;
+        Client cached;
+        cached.cache = &cache;
+        for (int step = 0; step < 200; ++step) {
+            const int what = std::uniform_int_distribution<int>(0, 99)(rng);
+            if (what < 5) policy = std::make_unique<RulePolicy>(random_rules());
+            else if (what < 10) cached.identity.set_application_name(pick(apps));
+            else if (what < 15) cached.name = pick(clients);
+            else if (what < 18) cached.identity = Client().identity;
+            Client plain = cached;
+            plain.cache = nullptr;
+            const std::string sql = pick(sqls);
+            const TxState tx = pick(std::vector<TxState>{TxState::kIdle, TxState::kInBlock, TxState::kFailed});
+            INFO(session << " " << step << " " << sql);
+            const Verdict expected = plain.ask(*policy, sql, tx);
+            const Verdict got = cached.ask(*policy, sql, tx);
+            REQUIRE(hit_names(got) == hit_names(expected));
+            REQUIRE(got.action == expected.action);
+            REQUIRE(got.rule == expected.rule);
+            REQUIRE(got.error.message == expected.error.message);
+            REQUIRE(got.doom_reason == expected.doom_reason);
+            REQUIRE(got.notices.size() == expected.notices.size());
+        }
+    }
 }

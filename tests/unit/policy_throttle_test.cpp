@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -675,4 +676,137 @@ TEST_CASE("a session's remembered bucket is looked up again once a sweep may hav
     CHECK_FALSE(write().rejects());
     CHECK(tokens(*policy, "r", "kept") == Approx(0).margin(1e-6));
     CHECK(write().rejects());
+}
+
+
+TEST_CASE("a session's remembered buckets change no verdict (random sessions, batches, reloads, sweeps)", "[throttle]") {
+    std::mt19937 rng(777);
+    auto pick = [&](auto const& v) { return v[std::uniform_int_distribution<std::size_t>(0, v.size() - 1)(rng)]; };
+    auto chance = [&](int percent) { return std::uniform_int_distribution<int>(0, 99)(rng) < percent; };
+    ManualClock clock;
+    auto state_a = std::make_shared<ThrottleState>([&] { return clock.now(); });
+    auto state_b = std::make_shared<ThrottleState>([&] { return clock.now(); });
+    auto random_rules = [&] {
+        std::vector<ThrottleRule> rules;
+        const int n = std::uniform_int_distribution<int>(1, 6)(rng);
+        for (int i = 0; i < n; ++i) {
+            ThrottleRule r = chance(50) ? rule("r" + std::to_string(i), pick(std::vector<double>{1, 5, 50}),
+                                               pick(std::vector<double>{1, 2, 10}))
+                                        : delay_rule("r" + std::to_string(i), pick(std::vector<double>{1, 5, 50}),
+                                                     pick(std::vector<double>{1, 3}), 300ms);
+            r.bucket = pick(std::vector<ThrottleBucket>{ThrottleBucket::kClient, ThrottleBucket::kClient, ThrottleBucket::kClient, ThrottleBucket::kUser,
+                                                        ThrottleBucket::kDatabase, ThrottleBucket::kRule});
+            if (chance(30)) r.cost = ThrottleCost::kRow;
+            if (chance(20)) r.penalty = 200ms;
+            if (chance(30)) r.match.application_name = {"web*"};
+            if (chance(30)) r.match.client = {"tenant:*"};
+            if (chance(20)) r.statements = {"update"};
+            rules.push_back(std::move(r));
+        }
+        return rules;
+    };
+    std::unique_ptr<ThrottlePolicy> a, b;
+    auto reload = [&] {
+        auto rules = random_rules();
+        a = std::make_unique<ThrottlePolicy>(rules, state_a);
+        b = std::make_unique<ThrottlePolicy>(rules, state_b);
+    };
+    reload();
+    const std::vector<std::string> apps = {"web", "web-2", "batch"};
+    const std::vector<std::string> names = {"tenant:1", "tenant:2", "other"};
+    const std::vector<std::string> users = {"app", "admin"};
+    ThrottleMatchCache cache;
+    Client session = client("tenant:1");
+    int noise = 0;
+    auto same = [&](const Verdict& x, const Verdict& y) {
+        REQUIRE(x.rejects() == y.rejects());
+        REQUIRE(x.rule == y.rule);
+        REQUIRE(x.delay_until == y.delay_until);
+    };
+    for (int step = 0; step < 5000; ++step) {
+        INFO("step " << step);
+        const int what = std::uniform_int_distribution<int>(0, 999)(rng);
+        if (what < 3) reload();
+        else if (what < 10) session.identity.set_application_name(pick(apps));
+        else if (what < 20) session.name = pick(names);
+        else if (what < 22) session = client(pick(names), pick(users));
+        else if (what < 50) {
+            // Many new clients, full again later: their shards are swept.
+            if (chance(50)) clock.advance(3s);
+            for (int i = 0; i < 1500; ++i) {
+                const Client other = client("tenant:n" + std::to_string(noise++), pick(users));
+                same(run(*a, other), run(*b, other));
+            }
+        }
+        if (chance(40)) clock.advance(std::chrono::milliseconds(std::uniform_int_distribution<int>(1, 800)(rng)));
+        const StatementInfo& info = *pick(std::vector<const StatementInfo*>{&kInsert, &kUpdate, &kSelect, &kInsert});
+        if (chance(20)) {
+            // A Query of one or several statements, maybe with other client names.
+            const int count = std::uniform_int_distribution<int>(1, 3)(rng);
+            std::vector<std::string> clients;
+            for (int i = 0; i < count; ++i) clients.push_back(i == 0 || chance(50) ? session.name : pick(names));
+            std::vector<StatementContext> ca, cb;
+            for (const auto& c : clients) {
+                ca.push_back({info, "", session.identity, c});
+                ca.back().match_cache = &cache;
+                cb.push_back({info, "", session.identity, c});
+            }
+            std::vector<const StatementContext*> pa, pb;
+            for (auto& c : ca) pa.push_back(&c);
+            for (auto& c : cb) pb.push_back(&c);
+            const Verdict va = a->before_batch(pa);
+            const Verdict vb = b->before_batch(pb);
+            same(va, vb);
+            if (!va.reservations.empty() && chance(30)) {
+                for (auto& r : va.reservations) r->release();
+                for (auto& r : vb.reservations) r->release();
+            }
+        } else {
+            StatementContext ca{info, "", session.identity, session.name};
+            ca.match_cache = &cache;
+            StatementContext cb{info, "", session.identity, session.name};
+            const Verdict va = a->before(ca);
+            const Verdict vb = b->before(cb);
+            same(va, vb);
+            if (!va.rejects() && chance(30)) {
+                Outcome outcome;
+                outcome.rows = std::uniform_int_distribution<int>(0, 5)(rng);
+                a->after(ca, outcome);
+                b->after(cb, outcome);
+            }
+            if (!va.reservations.empty() && chance(30)) {
+                for (auto& r : va.reservations) r->release();
+                for (auto& r : vb.reservations) r->release();
+            }
+        }
+    }
+}
+
+TEST_CASE("two threads use remembered buckets while their shards are swept", "[throttle]") {
+    auto state = std::make_shared<ThrottleState>();
+    ThrottleRule all = rule("all", 1e6, 1e6);
+    ThrottleRule user = rule("user", 1e6, 1e6);
+    user.bucket = ThrottleBucket::kUser;
+    ThrottleRule shared = rule("shared", 1e6, 1e6);
+    shared.bucket = ThrottleBucket::kRule;
+    ThrottlePolicy policy({all, user, shared}, state);
+    auto worker = [&](int id) {
+        ThrottleMatchCache cache;
+        const Client kept = client("kept:" + std::to_string(id), "u" + std::to_string(id));
+        std::uint64_t n = 0;
+        for (int i = 0; i < 40000; ++i) {
+            StatementContext context{kInsert, "", kept.identity, kept.name};
+            context.match_cache = &cache;
+            (void)policy.before(context);
+            // Churn: fresh clients fill every shard, then sweeps forget the full ones.
+            ++n;
+            const Client other = client("t" + std::to_string(id) + ":" + std::to_string(n), "u" + std::to_string(n % 50));
+            (void)run(policy, other);
+            if (i % 10000 == 0) (void)policy.describe();
+        }
+    };
+    std::thread t1(worker, 1), t2(worker, 2);
+    t1.join();
+    t2.join();
+    CHECK(policy.describe().size() == 3);
 }
