@@ -8,7 +8,6 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <thread>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -78,31 +77,6 @@ struct Bucket {
 };
 
 using BucketHint = ThrottleMatchCache::BucketHint;
-
-// The lock of a shard of buckets. What it guards takes tens of nanoseconds (a lookup and
-// some arithmetic), and a statement takes one per matching rule, ten in a typical config:
-// an uncontended std::mutex costs as much again each time, an atomic exchange a fraction.
-// A waiter spins briefly, then yields, so that a holder preempted mid-way gets the core.
-class ShardLock {
-public:
-    void lock() {
-        while (held_.exchange(true, std::memory_order_acquire)) {
-            for (int spins = 0; held_.load(std::memory_order_relaxed); ++spins) {
-                if (spins < 64) {
-#if defined(__x86_64__) || defined(__i386__)
-                    __builtin_ia32_pause();
-#endif
-                } else {
-                    std::this_thread::yield();
-                }
-            }
-        }
-    }
-    void unlock() { held_.store(false, std::memory_order_release); }
-
-private:
-    std::atomic<bool> held_{false};
-};
 
 // A bucket key with its hash, computed once per statement and used both to pick the
 // shard and to look up inside it.
@@ -282,7 +256,7 @@ private:
     static constexpr std::size_t kFirstSweep = 1024;
 
     struct alignas(64) Shard {
-        mutable ShardLock mutex;
+        mutable std::mutex mutex;
         BucketParams params;
         // Node-based: a bucket stays where it is until a sweep erases it.
         std::unordered_map<std::string, Bucket, KeyHash, KeyEqual> buckets;
