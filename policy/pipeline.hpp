@@ -40,15 +40,20 @@ struct ClientMatchCache {
     std::string client;
     std::vector<std::uint32_t> rules;    // indexes of the rules whose match takes the client
 
-    // False when the cache was filled for another policy, identity or client: then the
-    // caller fills `rules` and calls filled().
-    bool holds(std::uint64_t serial, const ClientIdentity& identity, std::string_view name) const {
-        return policy == serial && identity_version == identity.match_version() && client == name;
-    }
-    void filled(std::uint64_t serial, const ClientIdentity& identity, std::string_view name) {
+    // Makes `rules` the indexes below `count` that `takes` accepts, unless the cache was
+    // already filled for this policy serial, identity and client. True when it refilled:
+    // then whatever the policy keeps beside `rules` is stale too.
+    template <typename Takes>
+    bool refresh(std::uint64_t serial, const ClientIdentity& identity, std::string_view name, std::size_t count,
+                 Takes takes) {
+        if (policy == serial && identity_version == identity.match_version() && client == name) return false;
+        rules.clear();
+        for (std::size_t i = 0; i < count; ++i)
+            if (takes(i)) rules.push_back(static_cast<std::uint32_t>(i));
         policy = serial;
         identity_version = identity.match_version();
         client.assign(name);
+        return true;
     }
 };
 

@@ -10,15 +10,11 @@ RulePolicy::RulePolicy(const std::vector<Rule>& rules) {
 const std::vector<std::uint32_t>* RulePolicy::client_rules(const StatementContext& context) const {
     RuleMatchCache* cache = context.rule_matches;
     if (!cache) return nullptr;
-    if (!cache->holds(serial_, context.identity, context.client)) {
-        cache->rules.clear();
-        for (std::size_t i = 0; i < rules_.size(); ++i)
-            if (!nesting_only(rules_[i].rule) && rules_[i].matcher.matches_client(context.identity, context.client))
-                cache->rules.push_back(static_cast<std::uint32_t>(i));
-        cache->filled(serial_, context.identity, context.client);
-        // Needed only when the policy changed; a refill is rare enough to clear it always.
-        cache->table_matches.assign(rules_.size(), -1);
-    }
+    const bool refilled = cache->refresh(serial_, context.identity, context.client, rules_.size(), [&](std::size_t i) {
+        return !nesting_only(rules_[i].rule) && rules_[i].matcher.matches_client(context.identity, context.client);
+    });
+    // Needed only when the policy changed; a refill is rare enough to clear it always.
+    if (refilled) cache->table_matches.assign(rules_.size(), -1);
     return &cache->rules;
 }
 

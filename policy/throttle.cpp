@@ -418,15 +418,11 @@ bool ThrottlePolicy::applies(const Compiled& rule, const StatementContext& conte
 ThrottleMatchCache* ThrottlePolicy::matching_rules(const StatementContext& context) const {
     ThrottleMatchCache* cache = context.match_cache;
     if (!cache) return nullptr;
-    if (!cache->holds(serial_, context.identity, context.client)) {
-        cache->rules.clear();
-        for (std::size_t i = 0; i < rules_.size(); ++i)
-            if (rules_[i].matcher.matches_client(context.identity, context.client))
-                cache->rules.push_back(static_cast<std::uint32_t>(i));
-        // The keys may have changed with the client, and the buckets with the policy.
-        cache->buckets.assign(cache->rules.size(), BucketHint{});
-        cache->filled(serial_, context.identity, context.client);
-    }
+    const bool refilled = cache->refresh(serial_, context.identity, context.client, rules_.size(), [&](std::size_t i) {
+        return rules_[i].matcher.matches_client(context.identity, context.client);
+    });
+    // The keys may have changed with the client, and the buckets with the policy.
+    if (refilled) cache->buckets.assign(cache->rules.size(), BucketHint{});
     return cache;
 }
 
@@ -446,11 +442,7 @@ void ThrottlePolicy::add_demands(const StatementContext& context, std::vector<De
         auto& key = keys[static_cast<std::size_t>(rule.rule.bucket)];
         if (!key) {
             const std::string_view text = bucket_key(rule.rule.bucket, context);
-            if (hint && hint->hashed) {
-                key = KeyView{text, hint->hash};
-            } else {
-                key = KeyView{text, hash_key(text)};
-            }
+            key = KeyView{text, hint && hint->hashed ? hint->hash : hash_key(text)};
         }
         if (hint && !hint->hashed) {
             hint->hash = key->hash;

@@ -175,6 +175,13 @@ const std::vector<Case>& corpus() {
     return cases;
 }
 
+// A configuration without the cache: every text is parsed afresh.
+ClassifyConfig uncached() {
+    ClassifyConfig config;
+    config.cache_entries = 0;
+    return config;
+}
+
 std::shared_ptr<const Classification> classify(std::string_view sql, ClassifyConfig config = {}) {
     Classifier classifier(std::move(config));
     return classifier.classify(sql);
@@ -585,9 +592,7 @@ TEST_CASE("classifier: the cache returns shared results and stays bounded", "[cl
         CHECK(classifier.cache_hits() == 1);
     }
     SECTION("0 entries disables the cache") {
-        ClassifyConfig config;
-        config.cache_entries = 0;
-        Classifier classifier(config);
+        Classifier classifier(uncached());
         const auto first = classifier.classify("SELECT 1");
         const auto second = classifier.classify("SELECT 1");
         CHECK(first != second);
@@ -626,9 +631,7 @@ TEST_CASE("classifier: one classifier per thread, at the same time", "[classifie
     std::vector<std::thread> threads;
     for (int t = 0; t < 2; ++t) {
         threads.emplace_back([t, &mismatches] {
-            ClassifyConfig config;
-            config.cache_entries = 0;
-            Classifier classifier(config);
+            Classifier classifier(uncached());
             for (int round = 0; round < kRounds; ++round) {
                 for (const Case& c : corpus()) {
                     const auto result = classifier.classify(c.sql);
@@ -700,9 +703,7 @@ TEST_CASE("classifier: statement_shape replaces constants and keeps everything e
 
 TEST_CASE("classifier: texts of one shape share a classification only where it cannot differ", "[classifier]") {
     Classifier cached{ClassifyConfig{}};
-    ClassifyConfig none;
-    none.cache_entries = 0;
-    Classifier fresh(none);
+    Classifier fresh(uncached());
     // Each group: texts of one shape. The first is parsed; the others must come out exactly
     // as a fresh parse of their own text says, whether the shape was shared or not.
     struct Group {
@@ -750,9 +751,7 @@ TEST_CASE("classifier: texts of one shape share a classification only where it c
 TEST_CASE("classifier: a shape hit never changes a classification someone still holds", "[classifier]") {
     // Shape hits fill the last result in place once nobody holds it any more.
     Classifier cached{ClassifyConfig{}};
-    ClassifyConfig none;
-    none.cache_entries = 0;
-    Classifier fresh(none);
+    Classifier fresh(uncached());
     const std::string first = "SELECT abalance FROM pgbench_accounts WHERE aid = 17;";
     const std::string second = "SELECT abalance FROM pgbench_accounts WHERE aid = 1234567;";
     const std::string third = "SELECT abalance FROM pgbench_accounts WHERE aid = 5;";
@@ -781,9 +780,7 @@ TEST_CASE("classifier: many classifications held at once stay as they were", "[c
     // A thread's sessions each hold theirs until the answer is in: more than the classifier
     // keeps for reuse may be held at once, released in any order.
     Classifier cached{ClassifyConfig{}};
-    ClassifyConfig none;
-    none.cache_entries = 0;
-    Classifier fresh(none);
+    Classifier fresh(uncached());
     auto text = [](int i) { return "SELECT abalance FROM pgbench_accounts WHERE aid = " + std::to_string(i) + ";"; };
     cached.classify(text(0));
     std::vector<std::pair<std::string, std::shared_ptr<const Classification>>> held;
@@ -811,9 +808,7 @@ TEST_CASE("classifier: a reused classification is refilled when its shape change
     // A shape hit fills a classification nobody holds any more. Filled again from the same
     // shape, only its length and text change; from another shape, everything must.
     Classifier cached{ClassifyConfig{}};
-    ClassifyConfig none;
-    none.cache_entries = 0;
-    Classifier fresh(none);
+    Classifier fresh(uncached());
     const std::vector<std::string> shapes = {
         "SELECT abalance FROM pgbench_accounts WHERE aid = ",
         "UPDATE pgbench_tellers SET tbalance = tbalance + 5 WHERE tid = ",
@@ -839,9 +834,7 @@ TEST_CASE("classifier: reused classifications never show another text's statemen
     ClassifyConfig tiny;
     tiny.cache_entries = 2;  // templates evicted and rebuilt all the time
     Classifier cached(tiny);
-    ClassifyConfig none;
-    none.cache_entries = 0;
-    Classifier fresh(none);
+    Classifier fresh(uncached());
     const std::vector<std::string> shapes = {
         "SELECT abalance FROM pgbench_accounts WHERE aid = ",
         "UPDATE pgbench_tellers SET tbalance = tbalance + 5 WHERE tid = ",
