@@ -753,8 +753,10 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             want = pending.total_size() - client_buffer_.size();
         asio::mutable_buffer room;
         std::size_t n = 0;
-        if (!read_without_waiting(client_, client_buffer_, want, burst, room, n, ec))
+        if (!read_without_waiting(client_, client_buffer_, want, burst, room, n, ec)) {
             n = co_await client_.wait_read(room, ec);
+            if (!ec) client_.note_read(n, room.size());
+        }
         if (relay_stopping_) co_return End::kClientClosed;
         if (ec) co_return shutting_down_ && ec == asio::error::operation_aborted ? End::kShutdown : End::kClientClosed;
         client_buffer_.commit(n);
@@ -858,7 +860,10 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             want = pending.total_size() - sbuf.size();
         asio::mutable_buffer room;
         std::size_t n = 0;
-        if (!read_without_waiting(server, sbuf, want, burst, room, n, ec)) n = co_await server.wait_read(room, ec);
+        if (!read_without_waiting(server, sbuf, want, burst, room, n, ec)) {
+            n = co_await server.wait_read(room, ec);
+            if (!ec) server.note_read(n, room.size());
+        }
         if (ec || relay_stopping_) co_return End::kServerClosed;
         sbuf.commit(n);
         burst = read_on(server, sbuf, n, room.size());

@@ -41,17 +41,27 @@ public:
             ec = {};
             n = 0;
             reads_without_wait_ = 0;
+            mark_drained();
             return false;
         }
+        if (!ec && n < buffer.size()) mark_drained();
         return true;
     }
     // Waiting is always an asynchronous read, never async_wait: Asio re-arms the
     // descriptor in the kernel (epoll_ctl) for every wait, but not for a read, whose
     // readiness it already watches.
+    // After a wait_read of `n` bytes into `room` bytes completed without error, call
+    // note_read(n, room): a short read then spares the next wait its speculative read,
+    // when that is safe (see stream.cpp).
     awaitable<std::size_t> wait_read(asio::mutable_buffer buffer, error_code& ec) {
         reads_without_wait_ = 0;
         if (tls_) return tls_->async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
+        wait_completes_inline_ = !may_read_speculatively(socket_) && !writing_;
+        writes_at_wait_ = writes_started_;
         return socket_.async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
+    }
+    void note_read(std::size_t n, std::size_t room) {
+        if (n > 0 && n < room && wait_completes_inline_ && writes_started_ == writes_at_wait_) mark_drained();
     }
     // Reads exactly buffer.size() bytes.
     awaitable<std::size_t> read_exact(asio::mutable_buffer buffer, error_code& ec);
@@ -86,6 +96,8 @@ public:
             co_await asio::async_write(*tls_, buffers, token);
             co_return;
         }
+        ++writes_started_;
+        writing_ = true;
         std::vector<asio::const_buffer> rest;
         std::size_t skip = sent;
         for (auto it = asio::buffer_sequence_begin(buffers); it != asio::buffer_sequence_end(buffers); ++it) {
@@ -98,6 +110,7 @@ public:
             skip = 0;
         }
         co_await asio::async_write(socket_, rest, token);
+        writing_ = false;
     }
 
     // TLS handshakes; on failure `ec` is set and the stream stays plain.
@@ -107,6 +120,14 @@ public:
 
     // Close both directions at once; safe to call twice.
     void close();
+
+    // Tells Asio's reactor that `socket` has no bytes waiting (see mark_drained() below),
+    // unless the reactor has seen the end of the stream or an error on it; first asks epoll
+    // to report the peer's end (EPOLLRDHUP) unless `end_watched`. True when it took effect.
+    // Public for the tests, which check that it does.
+    static bool mark_drained(tcp::socket& socket, bool& end_watched);
+    // Whether an asynchronous read started now on `socket` would first try to read.
+    static bool may_read_speculatively(tcp::socket& socket);
 
 private:
     // Puts the socket in non-blocking mode for the synchronous attempts (once); false if
@@ -120,11 +141,29 @@ private:
         return non_blocking_;
     }
 
+    // A plain read that came back short (or would block) left the socket's receive queue
+    // empty: every byte that arrives later brings a new readiness event. Asio does not know
+    // that; before it queues an asynchronous read it tries one more read, which then fails
+    // with EAGAIN: one system call per wait, a third of the relay's. This tells Asio's
+    // reactor that the socket is drained, so that the next asynchronous read just waits.
+    // See stream.cpp for why that is safe and how it is done.
+    void mark_drained() {
+        if (!tls_) mark_drained(socket_, end_watched_);
+    }
+
     static constexpr int kMaxReadsWithoutWait = 16;
 
     tcp::socket socket_;
     bool non_blocking_ = false;
     int reads_without_wait_ = 0;  // reads in a row that found their bytes already there
+    // For note_read: the last wait_read's completion can only come straight from the
+    // reactor's handling of a readiness event (no speculative read, no write of this
+    // socket in flight), and how many asynchronous writes had started by then.
+    bool wait_completes_inline_ = false;
+    bool end_watched_ = false;  // epoll reports EPOLLRDHUP for this socket
+    bool writing_ = false;
+    unsigned writes_started_ = 0;
+    unsigned writes_at_wait_ = 0;
     std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
 };
 
