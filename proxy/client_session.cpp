@@ -70,7 +70,10 @@ bool read_without_waiting(Stream& stream, Buffer& buffer, std::size_t want, bool
     std::span<char> space = buffer.prepare_read(want, burst);
     room = asio::mutable_buffer(space.data(), space.size());
     n = 0;
-    if ((!drained || burst) && stream.try_read(room, n, ec)) return true;
+    // A drained buffer usually means a drained socket, and then only a wait makes sense;
+    // but when Asio would read before it waits anyway, that read is ours to make: if it
+    // finds nothing, the socket is marked drained and the wait is one Asio need not try.
+    if ((!drained || burst || stream.reads_before_waiting()) && stream.try_read(room, n, ec)) return true;
     if (drained && burst) {
         space = buffer.prepare_read(want, false);
         room = asio::mutable_buffer(space.data(), space.size());

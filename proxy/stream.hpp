@@ -60,6 +60,9 @@ public:
         writes_at_wait_ = writes_started_;
         return socket_.async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
     }
+    // Whether wait_read would first try to read (Asio's speculative read): then a
+    // try_read costs nothing more, and when it finds nothing the wait needs no such read.
+    bool reads_before_waiting() { return !tls_ && may_read_speculatively(socket_); }
     void note_read(std::size_t n, std::size_t room) {
         if (n > 0 && n < room && wait_completes_inline_ && writes_started_ == writes_at_wait_) mark_drained();
     }

@@ -235,3 +235,49 @@ TEST_CASE("once the reactor has seen the peer's end, the socket is not marked dr
     REQUIRE(done);
     CHECK(ec == asio::error::eof);
 }
+
+TEST_CASE("in a steady exchange of small messages, every wait starts without a speculative read") {
+    // The relay's pattern: when Asio would read before waiting, read without waiting
+    // instead (EAGAIN marks the socket drained); otherwise wait, and note the read.
+    asio::io_context context(1);
+    Pair pair = connect_pair(context);
+    Stream stream(std::move(pair.near));
+    std::mt19937 random(7);
+    constexpr int kExchanges = 500;
+    int waits = 0, speculative_waits = 0, exchanges = 0;
+    bool done = false;
+    auto peer = [&]() -> asio::awaitable<void> {
+        char ack = 0;
+        for (int i = 0; i < kExchanges; ++i) {
+            std::string message(1 + random() % 200, 'm');
+            co_await asio::async_write(pair.far, asio::buffer(message), asio::use_awaitable);
+            co_await asio::async_read(pair.far, asio::buffer(&ack, 1), asio::use_awaitable);
+        }
+    };
+    auto reader = [&]() -> asio::awaitable<void> {
+        char room[512];
+        while (exchanges < kExchanges) {
+            std::size_t n = 0;
+            error_code ec;
+            if (!(stream.reads_before_waiting() && stream.try_read(asio::buffer(room), n, ec))) {
+                ++waits;
+                if (exchanges >= 3 && Stream::may_read_speculatively(stream.socket())) ++speculative_waits;
+                n = co_await stream.wait_read(asio::buffer(room), ec);
+                if (!ec) stream.note_read(n, sizeof room);
+            }
+            REQUIRE_FALSE(ec);
+            if (n == 0) continue;  // a wake-up with nothing to read
+            ++exchanges;           // each message is read whole: it is sent in one piece
+            const char ack = 1;
+            co_await asio::async_write(stream.socket(), asio::buffer(&ack, 1), asio::use_awaitable);
+        }
+        done = true;
+    };
+    asio::co_spawn(context, peer(), asio::detached);
+    asio::co_spawn(context, reader(), asio::detached);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!done && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(20));
+    REQUIRE(done);
+    CHECK(waits >= kExchanges / 2);
+    CHECK(speculative_waits == 0);
+}
