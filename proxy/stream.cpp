@@ -25,7 +25,8 @@ namespace pgwarden::proxy {
 // transition). An event harvested before the read but not yet handled sets the flag again
 // and performs the queued read, which then waits: at worst the EAGAIN saved here, never a
 // lost wake-up. What must not happen is an event handled between the read and the clearing:
-// it would set the flag with no read queued, and the clearing would erase it. So:
+// it would set the flag with no read queued, and the clearing would erase it. (A short
+// read also stops at TCP urgent data with bytes queued after it; see kEndEvents.) So:
 //  - a synchronous read (try_read) clears it at once, in the same handler;
 //  - an asynchronous read only when its completion runs inside the reactor's handling of
 //    the event that performed it: Asio completes the first operation that an event
@@ -95,7 +96,10 @@ struct SocketAccess : tcp::socket {
     }
 };
 
-constexpr std::uint32_t kEndEvents = EPOLLRDHUP | EPOLLHUP | EPOLLERR;
+// The events after which a short read may not have drained the socket: the peer's end or
+// an error (no event will follow), and EPOLLPRI, reported with every event while TCP
+// urgent data is pending: recvmsg stops short at the urgent mark, bytes queued after it.
+constexpr std::uint32_t kEndEvents = EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI;
 
 }  // namespace
 
