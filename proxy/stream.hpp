@@ -56,7 +56,7 @@ public:
     awaitable<std::size_t> wait_read(asio::mutable_buffer buffer, error_code& ec) {
         reads_without_wait_ = 0;
         if (tls_) return tls_->async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
-        wait_completes_inline_ = !may_read_speculatively(socket_) && !writing_;
+        wait_completes_inline_ = !may_read_speculatively(socket_) && writing_ == 0;
         writes_at_wait_ = writes_started_;
         return socket_.async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
     }
@@ -100,7 +100,7 @@ public:
             co_return;
         }
         ++writes_started_;
-        writing_ = true;
+        ++writing_;
         std::vector<asio::const_buffer> rest;
         std::size_t skip = sent;
         for (auto it = asio::buffer_sequence_begin(buffers); it != asio::buffer_sequence_end(buffers); ++it) {
@@ -113,7 +113,7 @@ public:
             skip = 0;
         }
         co_await asio::async_write(socket_, rest, token);
-        writing_ = false;
+        --writing_;
     }
 
     // TLS handshakes; on failure `ec` is set and the stream stays plain.
@@ -164,7 +164,7 @@ private:
     // socket in flight), and how many asynchronous writes had started by then.
     bool wait_completes_inline_ = false;
     bool end_watched_ = false;  // epoll reports EPOLLRDHUP for this socket
-    bool writing_ = false;
+    int writing_ = 0;  // asynchronous writes in flight (a count, should two ever overlap)
     unsigned writes_started_ = 0;
     unsigned writes_at_wait_ = 0;
     std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
