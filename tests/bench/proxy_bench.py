@@ -34,7 +34,13 @@ its process from /proc/<pid>/stat, all threads, delta over the run / transaction
 PostgreSQL server (postmaster, its children and the children it reaped), of pgbench; and
 `other %`, the share of all CPUs busy with anything else (other load on the box). Tables
 show medians over the rounds; a run that fails or has failed transactions is left out and
-counted as bad. CPU per transaction is the stable figure on a small shared machine; TPS is
+counted as bad.
+
+Before every run the backends PgBouncer kept from earlier runs are ended (--pgbouncer-pool
+fresh, the default), so that every target starts its run with new backends, as pgwarden and
+direct connections always do: a backend that has run for a while costs the server markedly
+less CPU per transaction than a new one (see close_idle_backends). --pgbouncer-pool kept
+leaves PgBouncer its warm backends. CPU per transaction is the stable figure on a small shared machine; TPS is
 shared between pgbench, the server and the proxy on the same cores.
 
 Usage (as root, like the integration tests; Debian's /usr/bin/python3):
@@ -565,6 +571,31 @@ class Bench:
         self.admin.execute("VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
         self.admin.execute("TRUNCATE pgbench_history")
         self.admin.execute("CHECKPOINT")
+        if self.args.pgbouncer_pool == "fresh":
+            self.close_idle_backends()
+
+    def close_idle_backends(self) -> None:
+        # PgBouncer keeps its server connections after its clients leave and hands them to the
+        # next run's clients, whose backends have then long been warmed up; every other target
+        # starts the run with new backends. A new backend maps the shared buffers page by page
+        # as it touches them, and on a virtual machine those page faults are dear (minor faults
+        # per transaction 0.5-0.7 against 0 for reused backends; server CPU per transaction up
+        # by a third). So that the run compares the proxies and not the age of the backends,
+        # the backends PgBouncer kept are ended first; PgBouncer sees its idle server
+        # connections close and opens new ones for the run.
+        assert self.admin is not None
+        self.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        deadline = time.monotonic() + 10
+        while True:
+            row = self.admin.execute("SELECT count(*) FROM pg_stat_activity "
+                                     "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchone()
+            if row is not None and row[0] == 0:
+                break
+            if time.monotonic() > deadline:
+                log("WARNING: backends still alive 10 s after pg_terminate_backend")
+                break
+            time.sleep(0.05)
 
     def pgbench_cmd(self, target: Target, w: Workload, duration: float, extra: list[str]) -> list[str]:
         return ["pgbench", "-n", "-h", HOST, "-p", str(target.port), "-U", "postgres", "-T", str(int(duration)),
@@ -934,6 +965,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mem-conns", default="100,1000", help="idle session counts of the memory section")
     p.add_argument("--pgwarden", default=str(harness.pgwarden_binary()), help="binary (default $PGWARDEN_BIN)")
     p.add_argument("--pgbouncer", default="/usr/sbin/pgbouncer")
+    p.add_argument("--pgbouncer-pool", choices=("fresh", "kept"), default="fresh",
+                   help="fresh (default): end the server connections PgBouncer kept before every run, so "
+                        "that every target starts with new backends; kept: leave them, so that PgBouncer's "
+                        "runs reuse backends warmed up by earlier runs")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 3, 1
@@ -1015,7 +1050,9 @@ def main() -> int:
         f"({args.pgwarden})",
         f"- {args.rounds} round(s) × {args.duration:g} s per run, targets interleaved (order rotated each round); "
         f"scale {args.scale}; throughput -c {args.clients} -j {args.jobs}; pgwarden threads "
-        f"{args.pgwarden_threads or 'one per core'}; PgBouncer session mode",
+        f"{args.pgwarden_threads or 'one per core'}; PgBouncer session mode, "
+        + ("its kept server connections ended before every run (every target starts with new backends)"
+           if args.pgbouncer_pool == "fresh" else "its server connections kept from run to run"),
         f"- other load: {busy:.0f}% of all CPUs busy before start; loadavg {load_start} at start, {loadavg()} at end; "
         f"median other load during runs {f(med(others), 0)}% (max {f(max(others) if others else None, 0)}%)",
         f"- run time {elapsed / 60:.1f} min; command: `{' '.join(sys.argv)}`",
