@@ -40,6 +40,14 @@ void wait_queued(tcp::socket& socket, std::size_t bytes) {
     while (socket.available() < bytes) REQUIRE(std::chrono::steady_clock::now() < deadline);
 }
 
+// Runs the event loop until `done()` holds or `limit` has passed; returns done().
+template <class Done>
+bool run_until(asio::io_context& context, Done done, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!done() && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(10));
+    return done();
+}
+
 }  // namespace
 
 TEST_CASE("a short read spares the next wait its speculative read; the next arrival wakes it") {
@@ -78,8 +86,7 @@ TEST_CASE("a short read spares the next wait its speculative read; the next arri
         context.run_for(std::chrono::milliseconds(200));
         CHECK_FALSE(got);
         asio::write(pair.far, asio::buffer(std::string("!")));
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-        while (!got && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(10));
+        run_until(context, [&] { return got.has_value(); }, std::chrono::seconds(5));
         REQUIRE(got);
         CHECK(*got == 6);
         CHECK(std::string(room, 6) == "hello!");
@@ -140,9 +147,7 @@ TEST_CASE("relay-style reads lose no wake-up, whatever the sizes of reads and se
     };
     asio::co_spawn(context, writer(), asio::detached);
     asio::co_spawn(context, reader(), asio::detached);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!(reader_done && writer_done) && std::chrono::steady_clock::now() < deadline)
-        context.run_for(std::chrono::milliseconds(50));
+    run_until(context, [&] { return reader_done && writer_done; }, std::chrono::seconds(30));
     REQUIRE(writer_done);
     REQUIRE(reader_done);
     CHECK(received == sent);
@@ -197,8 +202,7 @@ TEST_CASE("relay-style reads see the end of the stream that follows the last byt
         };
         asio::co_spawn(context, peer(), asio::detached);
         asio::co_spawn(context, reader(), asio::detached);
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-        while (!ended && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(20));
+        run_until(context, [&] { return ended; }, std::chrono::seconds(10));
         INFO("round " << round << (reset ? ", reset" : ", FIN") << ", " << sent << " bytes sent, " << received
                       << " received");
         REQUIRE(ended);
@@ -230,8 +234,7 @@ TEST_CASE("once the reactor has seen the peer's end, the socket is not marked dr
         co_await stream.wait_read(asio::buffer(room), ec);
         done = true;
     }, asio::detached);
-    const auto wait_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (!done && std::chrono::steady_clock::now() < wait_deadline) context.run_for(std::chrono::milliseconds(10));
+    run_until(context, [&] { return done; }, std::chrono::seconds(5));
     REQUIRE(done);
     CHECK(ec == asio::error::eof);
 }
@@ -275,8 +278,7 @@ TEST_CASE("in a steady exchange of small messages, every wait starts without a s
     };
     asio::co_spawn(context, peer(), asio::detached);
     asio::co_spawn(context, reader(), asio::detached);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (!done && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(20));
+    run_until(context, [&] { return done; }, std::chrono::seconds(20));
     REQUIRE(done);
     CHECK(waits >= kExchanges / 2);
     CHECK(speculative_waits == 0);
@@ -349,16 +351,14 @@ TEST_CASE("a short read that stopped at TCP urgent data does not lose the bytes 
         context.poll();
         REQUIRE_FALSE(got);
         send_around_urgent();
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
-        while (!got && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(10));
+        run_until(context, [&] { return got.has_value(); }, std::chrono::seconds(3));
         REQUIRE(got);
         REQUIRE_FALSE(ec);
         received.append(room, *got);
         CHECK(received == "abc");
     }
     asio::co_spawn(context, read_rest(), asio::detached);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
-    while (!finished && std::chrono::steady_clock::now() < deadline) context.run_for(std::chrono::milliseconds(10));
+    run_until(context, [&] { return finished; }, std::chrono::seconds(3));
     INFO("received \"" << received << "\"");
     REQUIRE(finished);
     CHECK_FALSE(ec);
