@@ -40,8 +40,10 @@ Before every run the backends PgBouncer kept from earlier runs are ended (--pgbo
 fresh, the default), so that every target starts its run with new backends, as pgwarden and
 direct connections always do: a backend that has run for a while costs the server markedly
 less CPU per transaction than a new one (see close_idle_backends). --pgbouncer-pool kept
-leaves PgBouncer its warm backends. CPU per transaction is the stable figure on a small shared machine; TPS is
-shared between pgbench, the server and the proxy on the same cores.
+leaves PgBouncer its warm backends.
+
+CPU per transaction is the stable figure on a small shared machine; TPS is shared between
+pgbench, the server and the proxy on the same cores.
 
 Usage (as root, like the integration tests; Debian's /usr/bin/python3):
 
@@ -584,14 +586,12 @@ class Bench:
         # the backends PgBouncer kept are ended first; PgBouncer sees its idle server
         # connections close and opens new ones for the run.
         assert self.admin is not None
-        self.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        # All are signalled at once, then awaited: pg_terminate_backend's own timeout would
+        # wait for each in turn, in steps of 100 ms.
+        others = "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        self.admin.execute(f"SELECT pg_terminate_backend(pid) {others}")
         deadline = time.monotonic() + 10
-        while True:
-            row = self.admin.execute("SELECT count(*) FROM pg_stat_activity "
-                                     "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchone()
-            if row is not None and row[0] == 0:
-                break
+        while (row := self.admin.execute(f"SELECT count(*) {others}").fetchone()) and row[0] > 0:
             if time.monotonic() > deadline:
                 log("WARNING: backends still alive 10 s after pg_terminate_backend")
                 break
