@@ -209,6 +209,19 @@ awaitable<bool> ClientSession::wait_for_throttle(std::chrono::steady_clock::time
     co_return true;
 }
 
+awaitable<bool> ClientSession::wait_for_server(char type, std::string_view message) {
+    if (!server_answered_) server_answered_ = std::make_unique<asio::steady_timer>(client_.socket().get_executor());
+    error_code ec;
+    // The check and the wait run with nothing in between on this session's thread, so a
+    // wake-up cannot fall between them; the server loop wakes this after every batch.
+    while (interceptor_->must_wait_for_server(type, message)) {
+        if (relay_stopping_) co_return false;
+        server_answered_->expires_at(asio::steady_timer::time_point::max());
+        co_await server_answered_->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    }
+    co_return !relay_stopping_;
+}
+
 void ClientSession::note_client_activity() {
     ++client_activity_;
     if (idle_timer_) idle_timer_->cancel();
@@ -703,6 +716,7 @@ awaitable<ClientSession::End> ClientSession::relay() {
             server_->stream().socket().shutdown(tcp::socket::shutdown_receive, ignored);
             client_.socket().cancel(ignored);
             server_->stream().socket().cancel(ignored);
+            if (server_answered_) server_answered_->cancel();
         }
         if (--join->running == 0) join->done.cancel();
     };
@@ -799,6 +813,16 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
                 append_bytes(out, message.data(), message.size());
                 consumed += message.size();
                 break;
+            }
+            if ((header.type == wire::fe::kParse || header.type == wire::fe::kQuery) &&
+                interceptor.must_wait_for_server(header.type, message)) {
+                // What came before goes now; this message is decided once the server has
+                // said how the earlier definition of its statement name turned out.
+                if (!co_await flush()) co_return ec == asio::error::operation_aborted ? End::kClientClosed : End::kServerClosed;
+                if (!co_await wait_for_server(header.type, message)) co_return End::kClientClosed;
+                data = client_buffer_.data();
+                rest = data.substr(consumed);
+                message = rest.substr(0, header.total_size());
             }
             auto step = interceptor.on_client_message(header.type, message);
             if (step.delay_until) {
@@ -951,6 +975,8 @@ awaitable<ClientSession::End> ClientSession::relay_server_to_client() {
             arm_idle_timer();
             end_if_quiet_for_shutdown();
         }
+        // After the write: a held client message may now produce output of its own.
+        if (server_answered_) server_answered_->cancel();
         sbuf.consume(consumed);
     }
 }

@@ -87,6 +87,9 @@ private:
     // Holds a throttled statement until `until`; false when the client left meanwhile.
     awaitable<bool> wait_for_throttle(std::chrono::steady_clock::time_point until);
     awaitable<void> roll_back_idle_transaction(std::uint64_t activity);
+    // Holds a client message while the interceptor says it must wait for the server's
+    // answers (Interceptor::must_wait_for_server); false when the relay is stopping.
+    awaitable<bool> wait_for_server(char type, std::string_view message);
     void close_all();
 
     Runtime& runtime_;
@@ -109,6 +112,8 @@ private:
     AsyncMutex client_write_;  // both relay loops write to the client
     AsyncMutex server_write_;  // the client loop and the idle-timeout rollback write to the server
     std::unique_ptr<asio::steady_timer> idle_timer_;
+    // wait_for_server() sleeps on it; the server loop cancels it after each batch it relays.
+    std::unique_ptr<asio::steady_timer> server_answered_;
     std::uint64_t client_activity_ = 0;  // bumped by every read from the client
     std::chrono::steady_clock::time_point started_;
     std::chrono::steady_clock::time_point transaction_started_{};  // when the current block began

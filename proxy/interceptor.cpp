@@ -172,6 +172,55 @@ std::string Interceptor::doom(const std::string& reason) {
 
 // ---- client side ------------------------------------------------------------------------
 
+bool Interceptor::definition_unsettled(const std::string_view* name) const {
+    auto named = [name](const std::string& n) { return !n.empty() && (name == nullptr || n == *name); };
+    bool parsed = false;  // a Parse defined the name, and its batch has not ended yet
+    for (std::size_t i = 0; i < queue_.size(); ++i) {
+        const Pending& entry = queue_[i];
+        switch (entry.kind) {
+            case Pending::Kind::kParse:
+                if (entry.created && !entry.swallow && named(entry.name)) parsed = true;
+                break;
+            case Pending::Kind::kQuery:
+                // A Query answers for itself (its ReadyForQuery, or the error that made the
+                // server skip it, reaches pgwarden without waiting for anything else).
+                for (const auto& plan : entry.plans)
+                    if (named(plan.prepared) || named(plan.deallocated)) return true;
+                break;
+            case Pending::Kind::kSync:
+                // Without a Sync in between, a later definition of the name never runs
+                // when this one fails (the server skips to Sync) and fails when it succeeds
+                // (42P05): the outcome is known, and waiting could hang, since the server
+                // holds a ParseComplete until Sync or Flush.
+                if (parsed) return true;
+                break;
+            default:
+                break;
+        }
+    }
+    return false;
+}
+
+bool Interceptor::must_wait_for_server(char type, std::string_view message) const {
+    if (queue_.empty() || skip_until_sync_) return false;
+    if (type == wire::fe::kParse) {
+        auto parse = wire::parse_parse(body_of(message));
+        // The unnamed statement is always the last Parse's: nothing to wait for.
+        if (!parse || parse->statement.empty()) return false;
+        std::string_view name = parse->statement;
+        return definition_unsettled(&name);
+    }
+    if (type == wire::fe::kQuery) {
+        if (!definition_unsettled(nullptr)) return false;
+        auto q = wire::parse_query(body_of(message));
+        if (!q || q->sql.size() > runtime_.config()->proxy.max_statement_bytes) return false;
+        // Any PREPARE or DEALLOCATE waits (rare enough not to match names).
+        for (const auto& s : runtime_.classifier().classify(q->sql)->statements)
+            if (!s.prepare_name.empty() || !s.deallocate_name.empty() || s.deallocate_all) return true;
+    }
+    return false;
+}
+
 Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_view message) {
     if (skip_until_sync_) {
         // pgwarden reported an error in this batch without the server: like the server,
@@ -1161,13 +1210,17 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
             [[fallthrough]];
         default: {
             // The server now skips everything up to Sync, and so do the answers we expect.
-            bool undo = front.kind == Pending::Kind::kParse && front.created;
-            std::string name = front.name;
+            // Names this batch defined are forgotten once the batch is off the queue, unless
+            // a later batch defines them again: the unnamed statement belongs to the last
+            // Parse of it, whatever became of earlier ones.
+            std::vector<std::string> undefined;
+            if (front.kind == Pending::Kind::kParse && front.created) undefined.push_back(front.name);
             queue_.pop_front();
-            if (undo) statements_.erase(name);
             while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
                 Pending& skipped = queue_.front();
-                if (skipped.kind == Pending::Kind::kParse && skipped.created) statements_.erase(skipped.name);
+                if (skipped.kind == Pending::Kind::kParse && skipped.created) undefined.push_back(skipped.name);
+                // A Query inside the skipped part never runs: nor do its PREPAREs and DEALLOCATEs.
+                if (skipped.kind == Pending::Kind::kQuery) undo_prepared(skipped, 0);
                 if (skipped.kind == Pending::Kind::kClose && skipped.closed_target != 0) {
                     // The server never ran this Close: what it named still exists.
                     auto& closing = skipped.closed_target == 'S' ? closing_statements_ : closing_portals_;
@@ -1175,6 +1228,14 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
                         closing.erase(it);
                 }
                 queue_.pop_front();
+            }
+            for (const auto& name : undefined) {
+                bool redefined = false;
+                for (std::size_t i = 0; i < queue_.size() && !redefined; ++i) {
+                    const Pending& later = queue_[i];
+                    redefined = later.kind == Pending::Kind::kParse && later.created && later.name == name;
+                }
+                if (!redefined) statements_.erase(name);
             }
             return;
         }

@@ -44,6 +44,14 @@ public:
     // One complete client message (header included).
     ClientStep on_client_message(char type, std::string_view message);
 
+    // Whether this message must wait, before on_client_message sees it, until the server
+    // has answered what is in flight: it defines or removes a prepared statement whose
+    // earlier definition (or removal) is still unanswered in a batch already ended, so
+    // that what the name will mean on the server depends on how that one turned out.
+    // Only then (a client redefining a name it expects to have failed) does pgwarden
+    // give up pipelining, and only up to that batch's end.
+    bool must_wait_for_server(char type, std::string_view message) const;
+
     // Output for the client that no in-flight response precedes: the caller writes it to
     // the client before forwarding anything more to the server.
     bool has_immediate_output() const { return !immediate_.empty(); }
@@ -181,6 +189,9 @@ private:
     // Extended protocol: runs `sql` through reserved statement and portal names.
     void inject_extended(std::string& out, const std::string& sql, Plan plan);
     void push(Pending&& pending);
+    // The queue holds a definition or removal of prepared statement `name` (of any name
+    // when null) whose answer is still to come, followed by the end of its batch.
+    bool definition_unsettled(const std::string_view* name) const;
     // push() without moving an entry: the caller fills in the entry returned (in its
     // reset state), then calls pushed(); nothing else may touch the queue in between.
     Pending& emplace(Pending::Kind kind) {

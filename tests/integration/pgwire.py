@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import socket
 import ssl
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 PROTOCOL_3_0 = 196608
@@ -49,6 +51,7 @@ class RawConnection:
         self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         self.sock.settimeout(timeout)
         self._buffer = b""
+        self._held: bytearray | None = None  # messages held by one_write()
 
     def close(self) -> None:
         self.sock.close()
@@ -65,7 +68,23 @@ class RawConnection:
         self.sock.sendall(struct.pack("!I", len(payload) + 4) + payload)
 
     def send(self, msg_type: bytes, payload: bytes = b"") -> None:
-        self.sock.sendall(msg_type + struct.pack("!I", len(payload) + 4) + payload)
+        message = msg_type + struct.pack("!I", len(payload) + 4) + payload
+        if self._held is not None:
+            self._held += message
+        else:
+            self.sock.sendall(message)
+
+    @contextlib.contextmanager
+    def one_write(self) -> Iterator[None]:
+        """Messages sent inside the block go out in one write when it ends, so that the
+        receiver (pgwarden) sees them all before any answer to the first can arrive."""
+        self._held = bytearray()
+        try:
+            yield
+            held = bytes(self._held)
+        finally:
+            self._held = None
+        self.sock.sendall(held)
 
     def _recv_exact(self, n: int) -> bytes:
         while len(self._buffer) < n:

@@ -624,28 +624,112 @@ FAILED_PARSES = {
 def test_failed_parse_then_forbidden_parse_of_same_name_raw(warden, pg_server, failure):
     bad_sql, bad_sqlstate = FAILED_PARSES[failure]
     with util.raw_session(warden) as raw:
-        # Each in its own batch...
-        raw.parse("s1", bad_sql)
-        raw.sync()
-        raw.parse("s1", AUDIT)
-        raw.sync()
-        raw.bind("", "s1")
-        raw.execute("")
-        raw.sync()
+        # Each in its own batch, all in one write: pgwarden has read the second Parse and
+        # the Execute before the server has answered the first Parse...
+        with raw.one_write():
+            raw.parse("s1", bad_sql)
+            raw.sync()
+            raw.parse("s1", AUDIT)
+            raw.sync()
+            raw.bind("", "s1")
+            raw.execute("")
+            raw.sync()
         messages = util.read_until_ready(raw, 3)
         assert util.summary(messages) == [f"E:{bad_sqlstate}", "Z:I", "1", "Z:I", "2", "E:42501", "Z:I"]
         assert messages[5].error()["M"] == util.AUDIT_MESSAGE
         # ...and all in one.
-        raw.parse("s2", bad_sql)
-        raw.parse("s2", AUDIT)
-        raw.sync()
-        raw.parse("s2", AUDIT)
-        raw.bind("", "s2")
-        raw.execute("")
-        raw.sync()
-        raw.query("select 1")
+        with raw.one_write():
+            raw.parse("s2", bad_sql)
+            raw.parse("s2", AUDIT)
+            raw.sync()
+            raw.parse("s2", AUDIT)
+            raw.bind("", "s2")
+            raw.execute("")
+            raw.sync()
+            raw.query("select 1")
         assert util.summary(util.read_until_ready(raw, 3)) == [
             f"E:{bad_sqlstate}", "Z:I", "1", "2", "E:42501", "Z:I", "T", "D*1", "C", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+    util.assert_clean_log(warden)
+
+
+def test_pipelined_parse_after_unsettled_one_waits_only_for_its_batch(warden, pg_server):
+    # The first Parse of s1 succeeds: the second fails (42P05), and s1 stays the first one's,
+    # a read. Queries before the redefinition, and after it, still go without waiting.
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.parse("s1", "select 7")
+            raw.sync()
+            raw.query("select 8")
+            raw.parse("s1", AUDIT)
+            raw.sync()
+            raw.bind("", "s1")
+            raw.execute("")
+            raw.sync()
+        messages = util.read_until_ready(raw, 4)
+        assert util.summary(messages) == ["1", "Z:I", "T", "D*1", "C", "Z:I", "E:42P05", "Z:I",
+                                          "2", "D*1", "C", "Z:I"]
+        assert messages[9].body.endswith(b"7")
+    assert util.committed(pg_server, "audit.log") == []
+    util.assert_clean_log(warden)
+
+
+def test_failed_unnamed_parse_leaves_the_next_one_defined(warden, pg_server):
+    # The unnamed statement is the last Parse's: the first one's failure, answered after
+    # the second Parse went out, must not make pgwarden forget the second.
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.parse("", "selectx 1")
+            raw.sync()
+            raw.parse("", "select 42")
+            raw.sync()
+        assert util.summary(util.read_until_ready(raw, 2)) == ["E:42601", "Z:I", "1", "Z:I"]
+        raw.bind("", "")
+        raw.execute("")
+        raw.sync()
+        messages = util.read_until_ready(raw)
+        assert util.summary(messages) == ["2", "D*1", "C", "Z:I"]
+        assert messages[1].body.endswith(b"42")
+    util.assert_clean_log(warden)
+
+
+@pytest.mark.parametrize("failure", ["undefined-table", "syntax"])
+def test_failed_sql_prepare_then_forbidden_prepare_pipelined(warden, pg_server, failure):
+    # Simple-protocol Queries sent without waiting: the second PREPARE of p is decided
+    # only once the server has said whether the first one created p.
+    first = FAILED_PREPARES[failure][0]
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.query(first)
+            raw.query("prepare p as insert into audit.log values (1)")
+            raw.query("execute p")
+        messages = util.read_until_ready(raw, 3)
+        assert util.summary(messages) == [f"E:{FAILED_PREPARES[failure][1]}", "Z:I", "C", "Z:I", "E:42501", "Z:I"]
+        assert messages[4].error()["M"] == util.AUDIT_MESSAGE
+    assert util.committed(pg_server, "audit.log") == []
+    util.assert_clean_log(warden)
+
+
+def test_failed_deallocate_then_pipelined_parse_of_same_name(warden, pg_server):
+    # DEALLOCATE fails in an aborted transaction, so p stays the read it was; the Parse of
+    # p that follows at once fails (42P05), and the Execute runs the read: nothing to reject.
+    with util.raw_session(warden) as raw:
+        raw.query("prepare p as select 5")
+        assert util.summary(util.read_until_ready(raw)) == ["C", "Z:I"]
+        with raw.one_write():
+            raw.query("begin")
+            raw.query("select 1/0")
+            raw.query("deallocate p")
+            raw.query("rollback")
+            raw.parse("p", AUDIT)
+            raw.sync()
+            raw.bind("", "p")
+            raw.execute("")
+            raw.sync()
+        messages = util.read_until_ready(raw, 6)
+        assert util.summary(messages) == ["C", "Z:T", "E:22012", "Z:E", "E:25P02", "Z:E", "C", "Z:I",
+                                          "E:42P05", "Z:I", "2", "D*1", "C", "Z:I"]
+        assert messages[11].body.endswith(b"5")
     assert util.committed(pg_server, "audit.log") == []
     util.assert_clean_log(warden)
 

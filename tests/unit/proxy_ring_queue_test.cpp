@@ -41,6 +41,9 @@ TEST_CASE("entries leave in the order they came, across wrap-around and growth")
             queue.pop_front();
         }
         CHECK(queue.size() == std::size_t(next_in - next_out));
+        // Indexing counts from the front, wherever the front sits in the array.
+        const auto& view = queue;
+        for (std::size_t i = 0; i < view.size(); ++i) CHECK(view[i].value == next_out + 1 + int(i));
     }
     while (!queue.empty()) {
         CHECK(queue.front().value == ++next_out);
