@@ -710,6 +710,23 @@ def test_failed_sql_prepare_then_forbidden_prepare_pipelined(warden, pg_server, 
     util.assert_clean_log(warden)
 
 
+def test_prepare_in_query_skipped_after_extended_error_is_forgotten(warden, pg_server):
+    # A Query inside an extended batch that failed is skipped by the server, PREPARE and
+    # all: q stays undefined, and the next PREPARE of q defines it.
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.parse("", "selectx")
+            raw.query("prepare q as select 1")
+            raw.sync()
+            raw.query("prepare q as insert into audit.log values (1)")
+            raw.query("execute q")
+        messages = util.read_until_ready(raw, 3)
+        assert util.summary(messages) == ["E:42601", "Z:I", "C", "Z:I", "E:42501", "Z:I"]
+        assert messages[4].error()["M"] == util.AUDIT_MESSAGE
+    assert util.committed(pg_server, "audit.log") == []
+    util.assert_clean_log(warden)
+
+
 def test_failed_deallocate_then_pipelined_parse_of_same_name(warden, pg_server):
     # DEALLOCATE fails in an aborted transaction, so p stays the read it was; the Parse of
     # p that follows at once fails (42P05), and the Execute runs the read: nothing to reject.
