@@ -181,6 +181,11 @@ bool Interceptor::definition_unsettled(const std::string_view* name) const {
             case Pending::Kind::kParse:
                 if (entry.created && !entry.swallow && named(entry.name)) parsed = true;
                 break;
+            case Pending::Kind::kClose:
+                // Skipped (its batch failed), it leaves the old statement in place, and a
+                // new Parse of the name fails; run, it makes room for the new one.
+                if (entry.closed_target == 'S' && named(entry.name)) parsed = true;
+                break;
             case Pending::Kind::kQuery:
                 // A Query answers for itself (its ReadyForQuery, or the error that made the
                 // server skip it, reaches pgwarden without waiting for anything else).
@@ -496,12 +501,14 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
     }
     auto classification = runtime_.classifier().classify(parse->sql);
     if (entry.name.empty()) {
+        // The unnamed statement is this Parse's whatever became of a Close of it.
+        if (!closing_statements_.empty()) closing_statements_.erase(entry.name);
         statements_[entry.name] = classification;
         entry.created = true;
     } else if (closing_statements_.count(entry.name) > 0) {
-        // A Close of this name is in flight: if it runs, this Parse defines the name anew
-        // (and the Close must not remove it); if it was skipped, this Parse fails and the
-        // name is forgotten, so that what runs under it counts as unknown.
+        // A Close of this name is in flight in this batch (must_wait_for_server held the
+        // Parse back if it was in an earlier one): if it runs, this Parse defines the name
+        // anew (and the Close must not remove it); if it is skipped, so is this Parse.
         closing_statements_.erase(entry.name);
         statements_[entry.name] = classification;
         entry.created = true;
