@@ -698,6 +698,8 @@ void StatementAnalyzer::analyze(std::uint32_t wrapper, std::string_view text,
     if (const auto kind = simple_kind(type)) {
         info.kind = *kind;
         info.is_write = is_write_kind(*kind) || writes_below;
+        // FETCH and MOVE run the portal they name, which may be a protocol-level one.
+        if (type == "FetchStmt"sv) info.fetch_portal = tree_.string_member(body, "portalname");
     } else if (type == "TransactionStmt"sv) {
         analyze_transaction(body, text, info);
         info.is_write = false;
@@ -1080,7 +1082,7 @@ bool shape_can_stand_for_others(const Classification& c) {
         case StatementKind::kMerge: break;
         default: return false;
     }
-    return !s.parse_error && !s.unknown && s.prepare_name.empty() && s.execute_name.empty() &&
+    return !s.parse_error && !s.unknown && s.prepare_name.empty() && s.execute_name.empty() && s.fetch_portal.empty() &&
            s.deallocate_name.empty() && !s.deallocate_all && s.set_name.empty() && !s.set_value &&
            !s.set_local && !s.reset_all && s.gid.empty() && s.savepoint.empty();
 }

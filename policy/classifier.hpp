@@ -64,6 +64,7 @@ struct StatementInfo {
     std::string prepare_name;         // PREPARE name AS ...: kind/is_write are the inner statement's
     std::string execute_name;         // EXECUTE name (also EXPLAIN ANALYZE EXECUTE name)
     std::string deallocate_name;      // DEALLOCATE name
+    std::string fetch_portal;         // FETCH / MOVE: the cursor or portal they run
     bool deallocate_all = false;
 
     // sqlcommenter tags from comments in this statement's text: key -> value, decoded.

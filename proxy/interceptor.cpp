@@ -73,6 +73,14 @@ std::string too_large_detail(std::size_t size, std::uint64_t limit) {
     return std::to_string(size) + " bytes exceed max_statement_bytes (" + std::to_string(limit) + ")";
 }
 
+// PostgreSQL keys prepared statements and portals by their first NAMEDATALEN - 1 bytes,
+// cut byte-wise: past 63 bytes, names that differ only after that are one to the server.
+// (SQL-level names are identifiers, which the parser already cut.)
+std::string_view server_name(std::string_view name) {
+    constexpr std::size_t kNameBytes = 63;
+    return name.substr(0, std::min(name.size(), kNameBytes));
+}
+
 }  // namespace
 
 Interceptor::Interceptor(Runtime& runtime, std::uint64_t session_id, policy::ClientIdentity identity)
@@ -147,7 +155,10 @@ char Interceptor::client_status() const {
 }
 
 bool Interceptor::idle_in_transaction() const {
-    return queue_.empty() && !tracker_.rolled_back_for_idle() && tracker_.state() != TxState::kIdle;
+    // Not while the server skips to Sync: a rollback sent then would be skipped too (and
+    // the failed transaction holds no locks any more).
+    return queue_.empty() && !server_skipping_ && !tracker_.rolled_back_for_idle() &&
+           tracker_.state() != TxState::kIdle;
 }
 
 std::string Interceptor::roll_back_for_idle(const std::string& after) {
@@ -190,7 +201,12 @@ bool Interceptor::definition_unsettled(const std::string_view* name) const {
                 // A Query answers for itself (its ReadyForQuery, or the error that made the
                 // server skip it, reaches pgwarden without waiting for anything else).
                 for (const auto& plan : entry.plans)
-                    if (named(plan.prepared) || named(plan.deallocated)) return true;
+                    if (named(plan.prepared) || named(plan.deallocated) || plan.cleared) return true;
+                break;
+            case Pending::Kind::kExecute:
+                // PREPARE or DEALLOCATE run through the extended protocol: answered by Sync.
+                for (const auto& plan : entry.plans)
+                    if (named(plan.prepared) || named(plan.deallocated) || plan.cleared) parsed = true;
                 break;
             case Pending::Kind::kSync:
                 // Without a Sync in between, a later definition of the name never runs
@@ -207,12 +223,12 @@ bool Interceptor::definition_unsettled(const std::string_view* name) const {
 }
 
 bool Interceptor::must_wait_for_server(char type, std::string_view message) const {
-    if (queue_.empty() || skip_until_sync_) return false;
+    if (queue_.empty() || skip_until_sync_ || server_skipping_) return false;
     if (type == wire::fe::kParse) {
         auto parse = wire::parse_parse(body_of(message));
         // The unnamed statement is always the last Parse's: nothing to wait for.
         if (!parse || parse->statement.empty()) return false;
-        std::string_view name = parse->statement;
+        std::string_view name = server_name(parse->statement);
         return definition_unsettled(&name);
     }
     if (type == wire::fe::kQuery) {
@@ -232,6 +248,12 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
         // ignore everything up to Sync.
         if (type != wire::fe::kSync) return {ClientStep::Action::kDrop, {}, {}};
         skip_until_sync_ = false;
+    }
+    if (server_skipping_) {
+        // The server reported an error in this batch before this message came: it skips
+        // everything up to Sync without an answer, so nothing of it is noted or decided.
+        if (type != wire::fe::kSync) return {};
+        server_skipping_ = false;
     }
     switch (type) {
         case wire::fe::kQuery: {
@@ -335,9 +357,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
             Plan& plan = entry.plans.emplace_back();
             plan.kind = statement.kind;
             if (!decision.notices.empty()) plan.before = std::move(decision.notices);
-            if (!decision.prepared.empty()) plan.prepared = std::move(decision.prepared);
-            if (!decision.deallocated.empty()) plan.deallocated = std::move(decision.deallocated);
-            if (decision.deallocated_value) plan.deallocated_value = std::move(decision.deallocated_value);
+            keep_prepared(plan, decision);
             server_work = true;
             continue;
         }
@@ -354,9 +374,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
             plan.kind = statement.kind;
             if (first) {
                 plan.before = std::move(decision.notices);
-                plan.prepared = std::move(decision.prepared);
-                plan.deallocated = std::move(decision.deallocated);
-                plan.deallocated_value = std::move(decision.deallocated_value);
+                keep_prepared(plan, decision);
             }
             first = false;
             auto add_sql = [&](std::string_view piece) {
@@ -416,6 +434,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
             tracker_ = *tracker_at_start;
             tracker_.on_error();
             if (identity_at_query_start_) identity_ = *identity_at_query_start_;
+            undo_prepared(entry, 0);  // its PREPAREs and DEALLOCATEs never reach the server
             entry = Pending{};
             entry.kind = Pending::Kind::kQuery;
             Plan& plan = entry.plans.emplace_back();
@@ -480,7 +499,7 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
     }
     config_ = runtime_.config();
     policies_ = runtime_.policies();
-    entry.name = std::string(parse->statement);
+    entry.name = std::string(server_name(parse->statement));
     ClientStep step;
     if (parse->sql.size() > config_->proxy.max_statement_bytes) {
         // Too large to classify: make the server fail here, so that the rest of the batch
@@ -524,7 +543,11 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
 
 Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
     auto bind = wire::parse_bind(body_of(message));
+    Pending& entry = emplace(Pending::Kind::kBind);
     if (bind) {
+        bind->statement = server_name(bind->statement);
+        bind->portal = server_name(bind->portal);
+        entry.name = std::string(bind->portal);
         std::shared_ptr<const policy::Classification> classification;
         if (auto it = statements_.find(bind->statement);
             it != statements_.end() && (closing_statements_.empty() || !closing_statements_.contains(bind->statement)))
@@ -536,7 +559,6 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
         if (!closing_portals_.empty())
             if (auto it = closing_portals_.find(bind->portal); it != closing_portals_.end()) closing_portals_.erase(it);
     }
-    emplace(Pending::Kind::kBind);
     pushed();
     return {};
 }
@@ -584,6 +606,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
     }
     std::shared_ptr<const policy::Classification> classification;
     if (execute) {
+        execute->portal = server_name(execute->portal);
         if (auto it = portals_.find(execute->portal);
             it != portals_.end() && (closing_portals_.empty() || !closing_portals_.contains(execute->portal)))
             classification = it->second;
@@ -628,6 +651,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         if (throttled) attach_throttle(plan, classification, decision.effective, decision.client);
         plan.kind = statement.kind;
         plan.before = std::move(decision.notices);
+        keep_prepared(plan, decision);
         pushed();
         return step;
     }
@@ -642,6 +666,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         switch (s.type) {
             case ServerStep::Type::kOriginal: {
                 plan.tag = s.tag;
+                keep_prepared(plan, decision);
                 step.replacement.append(message);
                 Pending entry;
                 entry.kind = Pending::Kind::kExecute;
@@ -695,7 +720,7 @@ Interceptor::ClientStep Interceptor::on_close(std::string_view message) {
     if (close) {
         // Forgotten only when the server confirms: a Close skipped after an error
         // leaves the statement in place. Meanwhile its uses count as unknown.
-        entry.name = std::string(close->name);
+        entry.name = std::string(server_name(close->name));
         entry.closed_target = close->target;
         ++(close->target == 'S' ? closing_statements_ : closing_portals_)[entry.name];
     }
@@ -764,8 +789,17 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     // SQL-level EXECUTE runs a statement prepared earlier: judge what it runs.
     if (!input.execute_name.empty()) {
         auto it = statements_.find(input.execute_name);
-        statement = (it != statements_.end() && !it->second->statements.empty()) ? &it->second->statements.front()
-                                                                                  : &unknown_statement();
+        bool known = it != statements_.end() && !it->second->statements.empty() &&
+                     (closing_statements_.empty() || !closing_statements_.contains(input.execute_name));
+        statement = known ? &it->second->statements.front() : &unknown_statement();
+    } else if (!input.fetch_portal.empty() && !portals_.empty()) {
+        // FETCH or MOVE of a protocol-level portal runs that portal's statement (an INSERT
+        // ... RETURNING, say): judge that. SQL cursors are not in the map; they are reads.
+        if (auto it = portals_.find(input.fetch_portal); it != portals_.end()) {
+            bool known = it->second && !it->second->statements.empty() &&
+                         (closing_portals_.empty() || !closing_portals_.contains(input.fetch_portal));
+            statement = known ? &it->second->statements.front() : &unknown_statement();
+        }
     }
     const bool prepare_only = !input.prepare_name.empty();
     decision.client = client_name(statement);
@@ -967,6 +1001,11 @@ std::string Interceptor::client_name(const policy::StatementInfo* statement) {
 }
 
 void Interceptor::track_prepared(const policy::StatementInfo& s, Decision& decision) {
+    if (!s.prepare_name.empty() && !closing_statements_.empty() && closing_statements_.erase(s.prepare_name) > 0) {
+        // A Close of the name is in flight in this batch (an earlier batch's would have
+        // held the Query back): if it runs, so does this PREPARE, which defines the name anew.
+        statements_.erase(s.prepare_name);
+    }
     if (!s.prepare_name.empty() && statements_.find(s.prepare_name) == statements_.end()) {
         // PREPARE shares the namespace of protocol-level statements.
         auto inner = std::make_shared<policy::Classification>();
@@ -982,12 +1021,24 @@ void Interceptor::track_prepared(const policy::StatementInfo& s, Decision& decis
             statements_.erase(it);
         }
     }
-    if (s.deallocate_all) statements_.clear();
+    if (s.deallocate_all) {
+        if (!statements_.empty()) decision.cleared = std::make_shared<const StatementMap>(statements_);
+        statements_.clear();
+    }
+}
+
+void Interceptor::keep_prepared(Plan& plan, Decision& decision) {
+    if (!decision.prepared.empty()) plan.prepared = std::move(decision.prepared);
+    if (!decision.deallocated.empty()) plan.deallocated = std::move(decision.deallocated);
+    if (decision.deallocated_value) plan.deallocated_value = std::move(decision.deallocated_value);
+    if (decision.cleared) plan.cleared = std::move(decision.cleared);
 }
 
 void Interceptor::undo_prepared(Pending& entry, std::size_t from) {
-    for (std::size_t i = from; i < entry.plans.size(); ++i) {
+    // Last first: each plan's undo returns the map to what that plan found.
+    for (std::size_t i = entry.plans.size(); i-- > from;) {
         Plan& plan = entry.plans[i];
+        if (plan.cleared) statements_ = *plan.cleared;
         if (!plan.prepared.empty()) statements_.erase(plan.prepared);
         if (!plan.deallocated.empty() && plan.deallocated_value)
             statements_.emplace(plan.deallocated, plan.deallocated_value);
@@ -1221,13 +1272,25 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
             // a later batch defines them again: the unnamed statement belongs to the last
             // Parse of it, whatever became of earlier ones.
             std::vector<std::string> undefined;
+            // A failed Bind may or may not have replaced an existing portal of its name (it
+            // depends on where it failed), and a skipped one did not: what pgwarden noted
+            // for the name is no longer known, which Execute treats as unknown.
+            auto unbound = [this](const Pending& bind) {
+                if (auto it = portals_.find(bind.name); it != portals_.end()) it->second = nullptr;
+            };
             if (front.kind == Pending::Kind::kParse && front.created) undefined.push_back(front.name);
+            if (front.kind == Pending::Kind::kBind) unbound(front);
+            // A failed Execute's PREPARE or DEALLOCATE did not happen.
+            if (front.kind == Pending::Kind::kExecute) undo_prepared(front, 0);
             queue_.pop_front();
             while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
                 Pending& skipped = queue_.front();
                 if (skipped.kind == Pending::Kind::kParse && skipped.created) undefined.push_back(skipped.name);
-                // A Query inside the skipped part never runs: nor do its PREPAREs and DEALLOCATEs.
-                if (skipped.kind == Pending::Kind::kQuery) undo_prepared(skipped, 0);
+                if (skipped.kind == Pending::Kind::kBind) unbound(skipped);
+                // A Query or Execute inside the skipped part never runs: nor do its PREPAREs
+                // and DEALLOCATEs.
+                if (skipped.kind == Pending::Kind::kQuery || skipped.kind == Pending::Kind::kExecute)
+                    undo_prepared(skipped, 0);
                 if (skipped.kind == Pending::Kind::kClose && skipped.closed_target != 0) {
                     // The server never ran this Close: what it named still exists.
                     auto& closing = skipped.closed_target == 'S' ? closing_statements_ : closing_portals_;
@@ -1244,6 +1307,8 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
                 }
                 if (!redefined) statements_.erase(name);
             }
+            // No Sync yet: what the client sends until its Sync is skipped as well.
+            if (queue_.empty()) server_skipping_ = true;
             return;
         }
     }

@@ -96,6 +96,15 @@ public:
     const std::string& delaying_rule() const { return delaying_rule_; }
 
 private:
+    // Maps keyed by statement or portal name, looked up by the string_view a message holds.
+    struct NameHash {
+        using is_transparent = void;
+        std::size_t operator()(std::string_view name) const { return std::hash<std::string_view>{}(name); }
+    };
+    template <class T>
+    using NameMap = std::unordered_map<std::string, T, NameHash, std::equal_to<>>;
+    using StatementMap = NameMap<std::shared_ptr<const policy::Classification>>;
+
     // What pgwarden expects from the server for one statement of a Query (or one Execute).
     struct Plan {
         enum class Mode : std::uint8_t { kServer, kSynthetic, kProbe, kError };
@@ -110,6 +119,7 @@ private:
         std::string prepared;
         std::string deallocated;
         std::shared_ptr<const policy::Classification> deallocated_value;
+        std::shared_ptr<const StatementMap> cleared;  // DEALLOCATE ALL, DISCARD ALL: what was there
         // Set when a row-cost throttle must see the outcome (after()).
         std::shared_ptr<const Policies> throttled_by;
         std::shared_ptr<const policy::Classification> holder;
@@ -160,6 +170,7 @@ private:
         std::string prepared;
         std::string deallocated;
         std::shared_ptr<const policy::Classification> deallocated_value;
+        std::shared_ptr<const StatementMap> cleared;
     };
 
     ClientStep on_query(std::string_view sql);
@@ -176,6 +187,8 @@ private:
     // A Query failed at plan `from`: what it and later statements did to prepared
     // statements did not happen.
     void undo_prepared(Pending& entry, std::size_t from);
+    // Moves what a decision did to prepared statements into the plan that carries it.
+    void keep_prepared(Plan& plan, Decision& decision);
     void count_statement(const policy::StatementInfo& statement, std::string_view client);
     // Counts and logs what a throttle decided; keeps its reservations.
     void note_throttle(const policy::Verdict& verdict, std::string_view sql, policy::StatementKind kind);
@@ -220,6 +233,7 @@ private:
     policy::TransactionTracker tracker_;
     bool errors_in_flight_ = false;  // predictions may be off until the next quiescent 'Z'
     bool skip_until_sync_ = false;   // pgwarden answered an extended-protocol error itself
+    bool server_skipping_ = false;   // the server failed this batch; the rest until Sync goes unanswered
     policy::ThrottleMatchCache throttle_matches_;  // which throttle rules take this client
     policy::RuleMatchCache rule_matches_;          // which rules take this client
     // When the Query, Execute or FunctionCall being decided arrived: one clock read serves
@@ -228,14 +242,7 @@ private:
     bool probe_until_sync_ = false;  // a probe was sent in this batch: the server skips to Sync
     RingQueue<Pending> queue_;
     std::string immediate_;
-    // Maps keyed by statement or portal name, looked up by the string_view a message holds.
-    struct NameHash {
-        using is_transparent = void;
-        std::size_t operator()(std::string_view name) const { return std::hash<std::string_view>{}(name); }
-    };
-    template <class T>
-    using NameMap = std::unordered_map<std::string, T, NameHash, std::equal_to<>>;
-    NameMap<std::shared_ptr<const policy::Classification>> statements_;
+    StatementMap statements_;
     // A portal whose statement is unknown maps to null (as does one that ended with its
     // transaction, until the name is bound again): Execute treats both as unknown.
     NameMap<std::shared_ptr<const policy::Classification>> portals_;
