@@ -814,7 +814,8 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
                 consumed += message.size();
                 break;
             }
-            if ((header.type == wire::fe::kParse || header.type == wire::fe::kQuery) &&
+            if ((header.type == wire::fe::kParse || header.type == wire::fe::kBind ||
+                 header.type == wire::fe::kExecute || header.type == wire::fe::kQuery) &&
                 interceptor.must_wait_for_server(header.type, message)) {
                 // What came before goes now; this message is decided once the server has
                 // said how the earlier definition of its statement name turned out.

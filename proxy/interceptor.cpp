@@ -231,6 +231,24 @@ bool Interceptor::must_wait_for_server(char type, std::string_view message) cons
         std::string_view name = server_name(parse->statement);
         return definition_unsettled(&name);
     }
+    if (type == wire::fe::kBind) {
+        // The unnamed statement's latest Parse may yet be skipped (something before it in
+        // its batch may fail), which leaves the one before: wait when its batch has ended.
+        if (unnamed_parse_ == 0 || !unnamed_parse_skippable_ || unnamed_parse_ > last_sync_ ||
+            !unanswered(unnamed_parse_))
+            return false;
+        auto bind = wire::parse_bind(body_of(message));
+        return bind && bind->statement.empty();
+    }
+    if (type == wire::fe::kExecute) {
+        // A portal bound in a batch that ended unanswered: if that Bind fails, a portal of
+        // the name from before (inside a transaction block) may still be there.
+        if (queue_.front().seq >= last_sync_) return false;  // no ended batch unanswered
+        auto execute = wire::parse_execute(body_of(message));
+        if (!execute) return false;
+        auto it = portals_.find(server_name(execute->portal));
+        return it != portals_.end() && it->second.bound < last_sync_ && unanswered(it->second.bound);
+    }
     if (type == wire::fe::kQuery) {
         if (!definition_unsettled(nullptr)) return false;
         auto q = wire::parse_query(body_of(message));
@@ -278,7 +296,7 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
             return {};
         case wire::fe::kSync:
             probe_until_sync_ = false;
-            emplace(Pending::Kind::kSync);
+            last_sync_ = emplace(Pending::Kind::kSync).seq;
             pushed();
             return {};
         case wire::fe::kFunctionCall:
@@ -522,14 +540,18 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
     if (entry.name.empty()) {
         // The unnamed statement is this Parse's whatever became of a Close of it.
         if (!closing_statements_.empty()) closing_statements_.erase(entry.name);
-        statements_[entry.name] = classification;
+        auto& slot = statements_[entry.name];
+        entry.previous = std::exchange(slot, classification);
         entry.created = true;
+        // Its seq once pushed below; skippable when something of its batch came before it.
+        unnamed_parse_ = next_seq_ + 1;
+        unnamed_parse_skippable_ = next_seq_ > last_sync_;
     } else if (closing_statements_.count(entry.name) > 0) {
         // A Close of this name is in flight in this batch (must_wait_for_server held the
         // Parse back if it was in an earlier one): if it runs, this Parse defines the name
         // anew (and the Close must not remove it); if it is skipped, so is this Parse.
         closing_statements_.erase(entry.name);
-        statements_[entry.name] = classification;
+        entry.previous = std::exchange(statements_[entry.name], classification);
         entry.created = true;
     } else if (statements_.find(entry.name) == statements_.end()) {
         // A named statement cannot be redefined (the server answers 42P05), so the old
@@ -553,9 +575,9 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
             it != statements_.end() && (closing_statements_.empty() || !closing_statements_.contains(bind->statement)))
             classification = it->second;  // else unknown: fail closed at Execute
         if (auto it = portals_.find(bind->portal); it != portals_.end())
-            it->second = std::move(classification);
+            it->second = {std::move(classification), entry.seq};
         else
-            portals_.emplace(std::string(bind->portal), std::move(classification));
+            portals_.emplace(std::string(bind->portal), Portal{std::move(classification), entry.seq});
         if (!closing_portals_.empty())
             if (auto it = closing_portals_.find(bind->portal); it != closing_portals_.end()) closing_portals_.erase(it);
     }
@@ -609,7 +631,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         execute->portal = server_name(execute->portal);
         if (auto it = portals_.find(execute->portal);
             it != portals_.end() && (closing_portals_.empty() || !closing_portals_.contains(execute->portal)))
-            classification = it->second;
+            classification = it->second.classification;
     }
     if (classification && classification->statements.empty()) {
         // An empty query: EmptyQueryResponse, nothing to decide.
@@ -796,9 +818,10 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
         // FETCH or MOVE of a protocol-level portal runs that portal's statement (an INSERT
         // ... RETURNING, say): judge that. SQL cursors are not in the map; they are reads.
         if (auto it = portals_.find(input.fetch_portal); it != portals_.end()) {
-            bool known = it->second && !it->second->statements.empty() &&
+            const auto& held = it->second.classification;
+            bool known = held && !held->statements.empty() &&
                          (closing_portals_.empty() || !closing_portals_.contains(input.fetch_portal));
-            statement = known ? &it->second->statements.front() : &unknown_statement();
+            statement = known ? &held->statements.front() : &unknown_statement();
         }
     }
     const bool prepare_only = !input.prepare_name.empty();
@@ -822,8 +845,12 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
         if (auto o = policies_->rules->nesting_override(identity_, client)) mode = *o;
     const TxState before = tracker_.state();
     // Inside a failed block the server refuses the statement (25P02) without running it:
-    // it costs no tokens and is no throttle's to reject.
-    if (before == TxState::kFailed) decision.throttle_candidate = false;
+    // it costs no tokens and is no policy's to judge. Only when that is certain, though: a
+    // server error that came after later statements were foreseen (a pipelined ROLLBACK TO,
+    // say) leaves the foresight off until the next quiet ReadyForQuery, and the statement
+    // may well run.
+    const bool surely_failed = before == TxState::kFailed && !errors_in_flight_;
+    if (surely_failed) decision.throttle_candidate = false;
     // The outer transaction's first statement, for the log lines of a nested BEGIN or an
     // early COMMIT (only transaction control can cause those).
     const std::string outer = transaction_control ? tracker_.outer_begin_statement() : std::string();
@@ -893,7 +920,7 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     // Without a pipeline there is no verdict to build and take apart for each statement.
     static const policy::Verdict kNoVerdict;
     std::optional<policy::Verdict> ran;
-    if (!prepare_only && before != TxState::kFailed && !policies_->pipeline.empty()) {
+    if (!prepare_only && !surely_failed && !policies_->pipeline.empty()) {
         policy::StatementContext context{*statement, sql, identity_, client, before, tracker_.depth(), extended,
                                          session_id_};
         context.rule_matches = &rule_matches_;
@@ -1094,6 +1121,7 @@ void Interceptor::count_transaction_end(StatementKind kind, std::string_view mes
 }
 
 void Interceptor::push(Pending&& pending) {
+    pending.seq = ++next_seq_;
     queue_.push_back(std::move(pending));
     pushed();
 }
@@ -1207,10 +1235,12 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
             if (front.kind == Pending::Kind::kClose) {
                 if (front.closed_target != 0) {
                     auto& closing = front.closed_target == 'S' ? closing_statements_ : closing_portals_;
-                    auto& map = front.closed_target == 'S' ? statements_ : portals_;
                     if (auto it = closing.find(front.name); it != closing.end()) {
                         if (--it->second <= 0) closing.erase(it);
-                        map.erase(front.name);
+                        if (front.closed_target == 'S')
+                            statements_.erase(front.name);
+                        else
+                            portals_.erase(front.name);
                     }
                 }
                 pop_front(step.emit_after);
@@ -1271,21 +1301,23 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
             // Names this batch defined are forgotten once the batch is off the queue, unless
             // a later batch defines them again: the unnamed statement belongs to the last
             // Parse of it, whatever became of earlier ones.
-            std::vector<std::string> undefined;
+            // (name, what it meant before: restored when the Parse was skipped, not failed)
+            std::vector<std::pair<std::string, std::shared_ptr<const policy::Classification>>> undefined;
             // A failed Bind may or may not have replaced an existing portal of its name (it
             // depends on where it failed), and a skipped one did not: what pgwarden noted
             // for the name is no longer known, which Execute treats as unknown.
             auto unbound = [this](const Pending& bind) {
-                if (auto it = portals_.find(bind.name); it != portals_.end()) it->second = nullptr;
+                if (auto it = portals_.find(bind.name); it != portals_.end()) it->second.classification = nullptr;
             };
-            if (front.kind == Pending::Kind::kParse && front.created) undefined.push_back(front.name);
+            if (front.kind == Pending::Kind::kParse && front.created) undefined.emplace_back(front.name, nullptr);
             if (front.kind == Pending::Kind::kBind) unbound(front);
             // A failed Execute's PREPARE or DEALLOCATE did not happen.
             if (front.kind == Pending::Kind::kExecute) undo_prepared(front, 0);
             queue_.pop_front();
             while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
                 Pending& skipped = queue_.front();
-                if (skipped.kind == Pending::Kind::kParse && skipped.created) undefined.push_back(skipped.name);
+                if (skipped.kind == Pending::Kind::kParse && skipped.created)
+                    undefined.emplace_back(skipped.name, std::move(skipped.previous));
                 if (skipped.kind == Pending::Kind::kBind) unbound(skipped);
                 // A Query or Execute inside the skipped part never runs: nor do its PREPAREs
                 // and DEALLOCATEs.
@@ -1299,13 +1331,17 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
                 }
                 queue_.pop_front();
             }
-            for (const auto& name : undefined) {
+            for (auto& [name, previous] : undefined) {
                 bool redefined = false;
                 for (std::size_t i = 0; i < queue_.size() && !redefined; ++i) {
                     const Pending& later = queue_[i];
                     redefined = later.kind == Pending::Kind::kParse && later.created && later.name == name;
                 }
-                if (!redefined) statements_.erase(name);
+                if (redefined) continue;
+                if (previous)
+                    statements_[name] = std::move(previous);
+                else
+                    statements_.erase(name);
             }
             // No Sync yet: what the client sends until its Sync is skipped as well.
             if (queue_.empty()) server_skipping_ = true;
@@ -1344,7 +1380,7 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
             if (portals_.size() > kKeptPortalNames) {
                 portals_.clear();
             } else {
-                for (auto& [name, classification] : portals_) classification.reset();
+                for (auto& [name, portal] : portals_) portal.classification.reset();
             }
             identity_at_query_start_.reset();
         }

@@ -143,6 +143,10 @@ private:
         char closed_target = 0;    // kClose: 'S' or 'P' (name in `name`)
         std::string synthetic;     // kSynthetic: everything the client gets for it
         policy::Clock::time_point sent{};
+        std::uint64_t seq = 0;     // order of arrival in the queue
+        // kParse that redefined a name (the unnamed statement, or one a Close in the same
+        // batch freed): what the name meant before, back in place if the server skips it.
+        std::shared_ptr<const policy::Classification> previous;
 
         // Back to a new entry's state, keeping the memory of `plans` and the strings for
         // the next entry in the same slot of the queue.
@@ -155,6 +159,7 @@ private:
             closed_target = 0;
             synthetic.clear();
             sent = {};
+            previous.reset();
         }
     };
 
@@ -210,6 +215,7 @@ private:
     Pending& emplace(Pending::Kind kind) {
         Pending& entry = queue_.emplace_back();
         entry.kind = kind;
+        entry.seq = ++next_seq_;
         return entry;
     }
     void pushed() {
@@ -245,7 +251,20 @@ private:
     StatementMap statements_;
     // A portal whose statement is unknown maps to null (as does one that ended with its
     // transaction, until the name is bound again): Execute treats both as unknown.
-    NameMap<std::shared_ptr<const policy::Classification>> portals_;
+    struct Portal {
+        std::shared_ptr<const policy::Classification> classification;
+        std::uint64_t bound = 0;  // seq of its Bind
+    };
+    NameMap<Portal> portals_;
+    // Entries get increasing numbers as they join the queue, so "still unanswered" is a
+    // comparison with the front's. last_sync_ is the client's latest Sync.
+    std::uint64_t next_seq_ = 0;
+    std::uint64_t last_sync_ = 0;
+    // The latest Parse of the unnamed statement, and whether anything came before it in its
+    // batch (then an error there can make the server skip it, leaving the one before).
+    std::uint64_t unnamed_parse_ = 0;
+    bool unnamed_parse_skippable_ = false;
+    bool unanswered(std::uint64_t seq) const { return !queue_.empty() && queue_.front().seq <= seq; }
     // Names with a Close in flight (count of Closes): uses of them count as unknown.
     NameMap<int> closing_statements_;
     NameMap<int> closing_portals_;

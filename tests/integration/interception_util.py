@@ -149,6 +149,16 @@ def raw_session(target: harness.Target, **options: str) -> pgwire.RawConnection:
     return raw
 
 
+def assert_runs_read(raw: pgwire.RawConnection, statement: str, value: bytes) -> None:
+    """Binds `statement` to the unnamed portal and runs it: one row, ending in `value`."""
+    raw.bind("", statement)
+    raw.execute("")
+    raw.sync()
+    messages = read_until_ready(raw)
+    assert summary(messages) == ["2", "D*1", "C", "Z:I"]
+    assert messages[1].body.endswith(value)
+
+
 def read_until_ready(raw: pgwire.RawConnection, count: int = 1) -> list[Message]:
     """Messages up to and including the `count`-th ReadyForQuery."""
     data = bytearray(raw._buffer)

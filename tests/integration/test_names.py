@@ -45,10 +45,7 @@ def test_statement_names_are_cut_at_63_bytes(warden, pg_server):
         raw.parse(A63 + "q", "select 2")
         raw.sync()
         assert ready(raw) == ["3", "1", "Z:I"]
-        raw.bind("", A63 + "r")
-        raw.execute("")
-        raw.sync()
-        assert ready(raw) == ["2", "D*1", "C", "Z:I"]
+        util.assert_runs_read(raw, A63 + "r", b"2")
     assert util.committed(pg_server, "audit.log") == []
     util.assert_clean_log(warden)
 
@@ -86,7 +83,8 @@ def test_portal_names_are_cut_at_63_bytes(warden, pg_server):
 # -- a Bind that fails leaves the old portal -----------------------------------------------
 
 
-def test_failed_bind_of_existing_portal_keeps_the_old_portal(warden, pg_server):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_failed_bind_of_existing_portal_keeps_the_old_portal(warden, pg_server, pipelined):
     with util.raw_session(warden) as raw:
         raw.query("begin")
         assert ready(raw) == ["C", "Z:T"]
@@ -97,14 +95,20 @@ def test_failed_bind_of_existing_portal_keeps_the_old_portal(warden, pg_server):
         assert ready(raw) == ["1", "1", "2", "Z:T"]
         raw.query("savepoint s")
         assert ready(raw) == ["C", "Z:T"]
-        raw.bind("p", "sB")
-        raw.sync()
-        assert ready(raw) == ["E:42P03", "Z:E"]
-        raw.query("rollback to savepoint s")
-        assert ready(raw) == ["C", "Z:T"]
-        raw.execute("p")  # p is still the INSERT
-        raw.sync()
-        assert ready(raw) == ["E:42501", "Z:E"]
+        steps = [
+            (lambda: (raw.bind("p", "sB"), raw.sync()), ["E:42P03", "Z:E"]),  # p stays the INSERT
+            (lambda: raw.query("rollback to savepoint s"), ["C", "Z:T"]),
+            (lambda: (raw.execute("p"), raw.sync()), ["E:42501", "Z:E"]),
+        ]
+        if pipelined:
+            with raw.one_write():
+                for send, _ in steps:
+                    send()
+            assert ready(raw, len(steps)) == [m for _, expected in steps for m in expected]
+        else:
+            for send, expected in steps:
+                send()
+                assert ready(raw) == expected
         raw.query("commit")
         assert ready(raw) == ["C", "Z:I"]
     assert util.committed(pg_server, "audit.log") == []
@@ -314,3 +318,48 @@ def test_throttle_rejected_query_undoes_its_prepare(pgwarden_factory, pg_server)
         raw.query("execute q")
         assert ready(raw) == ["E:42501", "Z:I"]
     assert util.committed(pg_server, "audit.log") == []
+
+
+# -- what a skipped Parse or a failed Bind leaves in place ----------------------------------
+
+
+def test_skipped_unnamed_parse_leaves_the_unnamed_statement_before_it(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.parse("", "select 5")
+        raw.sync()
+        assert ready(raw) == ["1", "Z:I"]
+        raw.parse("x", "selectx")
+        raw.parse("", AUDIT)  # skipped: the unnamed statement is still the read
+        raw.sync()
+        assert ready(raw) == ["E:42601", "Z:I"]
+        util.assert_runs_read(raw, "", b"5")
+
+
+def test_skipped_unnamed_parse_pipelined(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.parse("", AUDIT)
+        raw.sync()
+        assert ready(raw) == ["1", "Z:I"]
+        with raw.one_write():
+            raw.parse("x", "selectx")
+            raw.parse("", "select 1")  # skipped: the unnamed statement is still the INSERT
+            raw.sync()
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+        assert ready(raw, 2) == ["E:42601", "Z:I", "2", "E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+    util.assert_clean_log(warden)
+
+
+def test_skipped_close_and_parse_leave_the_statement_before(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.parse("s3", "select 3")
+        raw.sync()
+        assert ready(raw) == ["1", "Z:I"]
+        raw.parse("", "selectx")
+        raw.close_object("S", "s3")
+        raw.parse("s3", AUDIT)
+        raw.sync()
+        assert ready(raw) == ["E:42601", "Z:I"]
+        util.assert_runs_read(raw, "s3", b"3")
