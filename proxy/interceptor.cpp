@@ -222,11 +222,11 @@ bool Interceptor::definition_unsettled(const std::string_view* name) const {
     return false;
 }
 
-bool Interceptor::must_wait_for_server(char type, std::string_view message) const {
-    if (queue_.empty() || skip_until_sync_ || server_skipping_) return false;
+bool Interceptor::must_wait_given_queue(char type, std::string_view message) const {
     if (type == wire::fe::kParse) {
+        // The unnamed statement is always the last Parse's (the body starts with the name).
+        if (message.size() <= wire::kHeaderSize || message[wire::kHeaderSize] == '\0') return false;
         auto parse = wire::parse_parse(body_of(message));
-        // The unnamed statement is always the last Parse's: nothing to wait for.
         if (!parse || parse->statement.empty()) return false;
         std::string_view name = server_name(parse->statement);
         return definition_unsettled(&name);
@@ -509,10 +509,10 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
 
 Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
     auto parse = wire::parse_parse(body_of(message));
-    Pending entry;
-    entry.kind = Pending::Kind::kParse;
+    // Built in place at the end of the queue; pushed() once it is complete.
+    Pending& entry = emplace(Pending::Kind::kParse);
     if (!parse) {
-        push(std::move(entry));
+        pushed();
         return {};
     }
     config_ = runtime_.config();
@@ -533,7 +533,7 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         step.action = ClientStep::Action::kReplace;
         wire::append_execute(step.replacement, kProbePortal);
         tracker_.on_error();
-        push(std::move(entry));
+        pushed();
         return step;
     }
     auto classification = runtime_.classifier().classify(parse->sql);
@@ -543,9 +543,9 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         auto& slot = statements_[entry.name];
         entry.previous = std::exchange(slot, classification);
         entry.created = true;
-        // Its seq once pushed below; skippable when something of its batch came before it.
-        unnamed_parse_ = next_seq_ + 1;
-        unnamed_parse_skippable_ = next_seq_ > last_sync_;
+        // Skippable when something of its batch came before it.
+        unnamed_parse_ = entry.seq;
+        unnamed_parse_skippable_ = entry.seq > last_sync_ + 1;
     } else if (closing_statements_.count(entry.name) > 0) {
         // A Close of this name is in flight in this batch (must_wait_for_server held the
         // Parse back if it was in an earlier one): if it runs, this Parse defines the name
@@ -559,7 +559,7 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         statements_.emplace(entry.name, classification);
         entry.created = true;
     }
-    push(std::move(entry));
+    pushed();
     return step;
 }
 

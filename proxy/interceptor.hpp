@@ -50,7 +50,11 @@ public:
     // that what the name will mean on the server depends on how that one turned out.
     // Only then (a client redefining a name it expects to have failed) does pgwarden
     // give up pipelining, and only up to that batch's end.
-    bool must_wait_for_server(char type, std::string_view message) const;
+    bool must_wait_for_server(char type, std::string_view message) const {
+        // Nothing unanswered, or the server skips this message anyway: the usual case.
+        if (queue_.empty() || skip_until_sync_ || server_skipping_) return false;
+        return must_wait_given_queue(type, message);
+    }
 
     // Output for the client that no in-flight response precedes: the caller writes it to
     // the client before forwarding anything more to the server.
@@ -210,6 +214,7 @@ private:
     // The queue holds a definition or removal of prepared statement `name` (of any name
     // when null) whose answer is still to come, followed by the end of its batch.
     bool definition_unsettled(const std::string_view* name) const;
+    bool must_wait_given_queue(char type, std::string_view message) const;
     // push() without moving an entry: the caller fills in the entry returned (in its
     // reset state), then calls pushed(); nothing else may touch the queue in between.
     Pending& emplace(Pending::Kind kind) {

@@ -42,7 +42,9 @@ public:
         }
     }
 
-    static constexpr std::size_t kKeptCapacity = 16;
+    // Enough for a pipeline of a few statements per Sync (four entries each), which would
+    // otherwise grow the array again, and destroy it, every time it drains.
+    static constexpr std::size_t kKeptCapacity = 32;
 
 private:
     void grow() {
