@@ -243,7 +243,6 @@ bool Interceptor::must_wait_given_queue(char type, std::string_view message) con
     if (type == wire::fe::kExecute) {
         // A portal bound in a batch that ended unanswered: if that Bind fails, a portal of
         // the name from before (inside a transaction block) may still be there.
-        if (queue_.front().seq >= last_sync_) return false;  // no ended batch unanswered
         auto execute = wire::parse_execute(body_of(message));
         if (!execute) return false;
         auto it = portals_.find(server_name(execute->portal));
@@ -569,7 +568,7 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
     if (bind) {
         bind->statement = server_name(bind->statement);
         bind->portal = server_name(bind->portal);
-        entry.name = std::string(bind->portal);
+        if (!bind->portal.empty()) entry.name.assign(bind->portal);  // the slot's name is empty
         std::shared_ptr<const policy::Classification> classification;
         if (auto it = statements_.find(bind->statement);
             it != statements_.end() && (closing_statements_.empty() || !closing_statements_.contains(bind->statement)))

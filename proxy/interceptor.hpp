@@ -27,6 +27,7 @@
 #include "policy/transaction.hpp"
 #include "proxy/ring_queue.hpp"
 #include "proxy/runtime.hpp"
+#include "wire/message_types.hpp"
 
 namespace pgwarden::proxy {
 
@@ -53,6 +54,8 @@ public:
     bool must_wait_for_server(char type, std::string_view message) const {
         // Nothing unanswered, or the server skips this message anyway: the usual case.
         if (queue_.empty() || skip_until_sync_ || server_skipping_) return false;
+        // A Bind or Execute waits only on a batch that ended unanswered.
+        if ((type == wire::fe::kBind || type == wire::fe::kExecute) && queue_.front().seq >= last_sync_) return false;
         return must_wait_given_queue(type, message);
     }
 
