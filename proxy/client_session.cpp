@@ -214,9 +214,14 @@ awaitable<bool> ClientSession::wait_for_server(char type, std::string_view messa
     error_code ec;
     // The check and the wait run with nothing in between on this session's thread, so a
     // wake-up cannot fall between them; the server loop wakes this after every batch.
+    // Woken by the server loop; also every second, to notice a client that hung up or a
+    // shutdown, so that no session can outlive its client here.
     while (interceptor_->must_wait_for_server(type, message)) {
-        if (relay_stopping_) co_return false;
-        server_answered_->expires_at(asio::steady_timer::time_point::max());
+        if (relay_stopping_ || shutting_down_) co_return false;
+        char byte;
+        ssize_t peeked = ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (peeked == 0 || (peeked < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) co_return false;
+        server_answered_->expires_after(std::chrono::seconds(1));
         co_await server_answered_->async_wait(asio::redirect_error(asio::use_awaitable, ec));
     }
     co_return !relay_stopping_;
@@ -392,6 +397,9 @@ awaitable<void> ClientSession::run() {
         co_return;
     }
     interceptor_ = std::make_unique<Interceptor>(runtime_, id_, policy::ClientIdentity(startup_parameters_, peer_address_));
+    for (const auto& [name, value] : reported_parameters_) interceptor_->on_parameter(name, value);
+    reported_parameters_.clear();
+    reported_parameters_.shrink_to_fit();
     startup_parameters_.clear();
     startup_parameters_.shrink_to_fit();
     runtime_.server_connections.fetch_add(1, std::memory_order_relaxed);
@@ -610,6 +618,10 @@ awaitable<bool> ClientSession::authenticate() {
             case wire::be::kParameterStatus: {
                 auto status = wire::parse_parameter_status(body);
                 if (status && status->name == "application_name") application_name_ = std::string(status->value);
+                // How the server will read statement text: the interceptor must know.
+                if (status && (status->name == "standard_conforming_strings" || status->name == "client_encoding" ||
+                               status->name == "server_encoding"))
+                    reported_parameters_.emplace_back(status->name, status->value);
                 break;
             }
             case wire::be::kErrorResponse:

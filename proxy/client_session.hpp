@@ -108,6 +108,7 @@ private:
     std::string peer_address_;
     std::string user_, database_, application_name_;
     std::vector<std::pair<std::string, std::string>> startup_parameters_;
+    std::vector<std::pair<std::string, std::string>> reported_parameters_;  // by the server, at startup
     std::unique_ptr<Interceptor> interceptor_;
     AsyncMutex client_write_;  // both relay loops write to the client
     AsyncMutex server_write_;  // the client loop and the idle-timeout rollback write to the server

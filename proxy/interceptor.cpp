@@ -4,6 +4,9 @@
 
 #include <array>
 #include <atomic>
+#include <random>
+
+#include <openssl/rand.h>
 
 #include "metrics/proxy_metrics.hpp"
 #include "proxy/event_log.hpp"
@@ -37,12 +40,32 @@ metrics::Histogram& statement_duration(StatementKind kind) {
 
 // The probes: names no application uses, so the server answers "does not exist"
 // (SQLSTATE 34000) and changes nothing else.
-constexpr std::string_view kProbePortal = "pgwarden.rejected";
-constexpr std::string_view kProbeSql = "FETCH ALL FROM \"pgwarden.rejected\"";
+constexpr std::string_view kProbePortal = "pgwarden.rejected.";
 constexpr std::string_view kProbeSqlstate = "34000";
 // pgwarden's own statements in the extended protocol run under this statement and
 // portal name, closed right after.
-constexpr std::string_view kInjectName = "pgwarden.injected";
+constexpr std::string_view kInjectName = "pgwarden.injected.";
+
+// A name no client can have taken: the prefix and 64 random bits, new for every use. A
+// client that made a portal or cursor of a fixed probe name would make the probe succeed
+// (and run its own statement); a fixed name also shows in pg_stat_activity.
+std::string fresh_name(std::string_view prefix) {
+    unsigned char bytes[8];
+    if (RAND_bytes(bytes, sizeof bytes) != 1) {
+        thread_local std::random_device device;
+        for (auto& b : bytes) b = static_cast<unsigned char>(device());
+    }
+    static constexpr char kHex[] = "0123456789abcdef";
+    std::string name(prefix);
+    for (unsigned char b : bytes) {
+        name += kHex[b >> 4];
+        name += kHex[b & 15];
+    }
+    return name;
+}
+
+// In a Query: fails (34000) without side effects, as no cursor of that name exists.
+std::string probe_sql() { return "FETCH ALL FROM \"" + fresh_name(kProbePortal) + "\""; }
 constexpr std::string_view kReadOnlySql = "SET TRANSACTION READ ONLY";
 
 std::string error_bytes(const policy::Message& m) {
@@ -67,6 +90,30 @@ const policy::StatementInfo& unknown_statement() {
         return s;
     }();
     return unknown;
+}
+
+// A classification of one unknown statement, for text pgwarden cannot read as the server will.
+const std::shared_ptr<const policy::Classification>& unknown_classification() {
+    static const auto unknown = [] {
+        auto c = std::make_shared<policy::Classification>();
+        c->statements.push_back(unknown_statement());
+        return std::shared_ptr<const policy::Classification>(std::move(c));
+    }();
+    return unknown;
+}
+
+bool has_high_bytes(std::string_view text) {
+    for (char c : text)
+        if (static_cast<unsigned char>(c) >= 0x80) return true;
+    return false;
+}
+
+// Client encodings whose multibyte characters may contain the bytes of ASCII quotes and
+// backslashes (PostgreSQL accepts them from clients only): libpg_query reads text as UTF-8.
+bool client_only_encoding(std::string_view name) {
+    for (std::string_view e : {"SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "UHC", "JOHAB", "GB18030"})
+        if (name == e) return true;
+    return false;
 }
 
 std::string too_large_detail(std::size_t size, std::uint64_t limit) {
@@ -127,6 +174,7 @@ void Interceptor::attach_throttle(Plan& plan, const std::shared_ptr<const policy
 
 bool Interceptor::observes(char type) {
     switch (type) {
+        case wire::be::kCopyInResponse:
         case wire::be::kCommandComplete:
         case wire::be::kErrorResponse:
         case wire::be::kReadyForQuery:
@@ -183,6 +231,34 @@ std::string Interceptor::doom(const std::string& reason) {
 
 // ---- client side ------------------------------------------------------------------------
 
+void Interceptor::on_parameter(std::string_view name, std::string_view value) {
+    if (name == "application_name") {
+        identity_.set_application_name(std::string(value));
+    } else if (name == "standard_conforming_strings") {
+        backslashes_differ_ = value != "on";
+    } else if (name == "client_encoding" || name == "server_encoding") {
+        (name == "client_encoding" ? client_encoding_ : server_encoding_) = std::string(value);
+        high_bytes_differ_ = client_only_encoding(client_encoding_);
+        names_converted_ = client_encoding_ != server_encoding_ && client_encoding_ != "SQL_ASCII";
+    }
+}
+
+std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_view sql) const {
+    // With standard_conforming_strings off a backslash escapes a quote, and in a client-only
+    // encoding a high byte may swallow the backslash after it; libpg_query knows neither.
+    // Such text is judged unknown (fail closed) rather than read another way than the server.
+    if ((backslashes_differ_ && sql.find('\\') != std::string_view::npos) ||
+        (high_bytes_differ_ && has_high_bytes(sql)))
+        return unknown_classification();
+    return runtime_.classifier().classify(sql);
+}
+
+bool Interceptor::name_converted(std::string_view name) const {
+    // The server converts a name to its encoding before cutting it at 63 bytes: a long
+    // non-ASCII name may be cut elsewhere than in the client's bytes.
+    return names_converted_ && name.size() >= 16 && has_high_bytes(name);
+}
+
 bool Interceptor::definition_unsettled(const std::string_view* name) const {
     auto named = [name](const std::string& n) { return !n.empty() && (name == nullptr || n == *name); };
     bool parsed = false;  // a Parse defined the name, and its batch has not ended yet
@@ -222,6 +298,21 @@ bool Interceptor::definition_unsettled(const std::string_view* name) const {
     return false;
 }
 
+bool Interceptor::redefinition_unanswered(std::string_view name) const {
+    if (redefining_.empty()) return false;
+    auto it = redefining_.find(name);
+    return it != redefining_.end() && it->second < last_sync_ && unanswered(it->second);
+}
+
+bool Interceptor::use_unsettled(const policy::StatementInfo& s) const {
+    if (!s.execute_name.empty() && redefinition_unanswered(s.execute_name)) return true;
+    if (!s.fetch_portal.empty()) {
+        auto it = portals_.find(s.fetch_portal);
+        if (it != portals_.end() && bind_unanswered(it->second.bound)) return true;
+    }
+    return false;
+}
+
 bool Interceptor::must_wait_given_queue(char type, std::string_view message) const {
     if (type == wire::fe::kParse) {
         // The unnamed statement is always the last Parse's (the body starts with the name).
@@ -232,13 +323,12 @@ bool Interceptor::must_wait_given_queue(char type, std::string_view message) con
         return definition_unsettled(&name);
     }
     if (type == wire::fe::kBind) {
-        // The unnamed statement's latest Parse may yet be skipped (something before it in
-        // its batch may fail), which leaves the one before: wait when its batch has ended.
-        if (unnamed_parse_ == 0 || !unnamed_parse_skippable_ || unnamed_parse_ > last_sync_ ||
-            !unanswered(unnamed_parse_))
-            return false;
+        // A Parse that redefined the statement (the unnamed one, or one a Close freed) may
+        // yet be skipped (something before it in its batch may fail), which leaves the
+        // definition before: wait when its batch has ended.
+        if (redefining_.empty()) return false;
         auto bind = wire::parse_bind(body_of(message));
-        return bind && bind->statement.empty();
+        return bind && redefinition_unanswered(server_name(bind->statement));
     }
     if (type == wire::fe::kExecute) {
         // A portal bound in a batch that ended unanswered: if that Bind fails, a portal of
@@ -246,15 +336,26 @@ bool Interceptor::must_wait_given_queue(char type, std::string_view message) con
         auto execute = wire::parse_execute(body_of(message));
         if (!execute) return false;
         auto it = portals_.find(server_name(execute->portal));
-        return it != portals_.end() && it->second.bound < last_sync_ && unanswered(it->second.bound);
+        if (it == portals_.end()) return false;
+        if (bind_unanswered(it->second.bound)) return true;
+        // Its statement may run another: EXECUTE name, FETCH portal.
+        if (it->second.classification)
+            for (const auto& s : it->second.classification->statements)
+                if (use_unsettled(s)) return true;
+        return false;
     }
     if (type == wire::fe::kQuery) {
-        if (!definition_unsettled(nullptr)) return false;
+        const bool definitions = definition_unsettled(nullptr);
+        const bool ended = queue_.front().seq < last_sync_;
+        if (!definitions && !ended) return false;
         auto q = wire::parse_query(body_of(message));
         if (!q || q->sql.size() > runtime_.config()->proxy.max_statement_bytes) return false;
-        // Any PREPARE or DEALLOCATE waits (rare enough not to match names).
-        for (const auto& s : runtime_.classifier().classify(q->sql)->statements)
-            if (!s.prepare_name.empty() || !s.deallocate_name.empty() || s.deallocate_all) return true;
+        for (const auto& s : classify(q->sql)->statements) {
+            // Any PREPARE or DEALLOCATE waits (rare enough not to match names).
+            if (definitions && (!s.prepare_name.empty() || !s.deallocate_name.empty() || s.deallocate_all))
+                return true;
+            if (ended && use_unsettled(s)) return true;
+        }
     }
     return false;
 }
@@ -294,9 +395,15 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
             pushed();
             return {};
         case wire::fe::kSync:
+            if (copy_in_) return {};  // the server ignores it
             probe_until_sync_ = false;
             last_sync_ = emplace(Pending::Kind::kSync).seq;
             pushed();
+            return {};
+        case wire::fe::kCopyDone:
+        case wire::fe::kCopyFail:
+            copy_in_ = false;
+            copy_done_seq_ = next_seq_;
             return {};
         case wire::fe::kFunctionCall:
             return on_function_call();
@@ -326,7 +433,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         entry.plans.push_back(std::move(plan));
         if (entry.plans.back().mode == Plan::Mode::kProbe) {
             step.action = ClientStep::Action::kReplace;
-            wire::append_query(step.replacement, kProbeSql);
+            wire::append_query(step.replacement, probe_sql());
         } else {
             entry.kind = Pending::Kind::kSynthetic;
             entry.synthetic = entry.plans.back().error;
@@ -337,7 +444,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         return step;
     }
 
-    auto classification = runtime_.classifier().classify(sql);
+    auto classification = classify(sql);
     const auto& statements = classification->statements;
     const TxState tx_at_start = tracker_.state();
     // A throttle that rejects the Query takes back what its statements did to the tracker.
@@ -416,7 +523,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
                     plan.tag = s.tag;
                     break;
                 case ServerStep::Type::kProbe:
-                    add_sql(kProbeSql);
+                    add_sql(probe_sql());
                     plan.mode = Plan::Mode::kProbe;
                     plan.error = error_bytes(s.error);
                     stopped = true;
@@ -460,7 +567,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
                                       verdict.error.hint});
             ClientStep reject;
             reject.action = ClientStep::Action::kReplace;
-            wire::append_query(reject.replacement, kProbeSql);
+            wire::append_query(reject.replacement, probe_sql());
             pushed();
             return reject;
         }
@@ -530,12 +637,12 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         entry.kind = Pending::Kind::kExecute;
         entry.plans.push_back(std::move(plan));
         step.action = ClientStep::Action::kReplace;
-        wire::append_execute(step.replacement, kProbePortal);
+        wire::append_execute(step.replacement, fresh_name(kProbePortal));
         tracker_.on_error();
         pushed();
         return step;
     }
-    auto classification = runtime_.classifier().classify(parse->sql);
+    auto classification = name_converted(entry.name) ? unknown_classification() : classify(parse->sql);
     if (entry.name.empty()) {
         // The unnamed statement is this Parse's whatever became of a Close of it.
         if (!closing_statements_.empty()) closing_statements_.erase(entry.name);
@@ -543,8 +650,10 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         entry.previous = std::exchange(slot, classification);
         entry.created = true;
         // Skippable when something of its batch came before it.
-        unnamed_parse_ = entry.seq;
-        unnamed_parse_skippable_ = entry.seq > last_sync_ + 1;
+        if (entry.seq > last_sync_ + 1)
+            redefining_[entry.name] = entry.seq;
+        else if (!redefining_.empty())
+            redefining_.erase(entry.name);
     } else if (closing_statements_.count(entry.name) > 0) {
         // A Close of this name is in flight in this batch (must_wait_for_server held the
         // Parse back if it was in an earlier one): if it runs, this Parse defines the name
@@ -552,6 +661,7 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         closing_statements_.erase(entry.name);
         entry.previous = std::exchange(statements_[entry.name], classification);
         entry.created = true;
+        redefining_[entry.name] = entry.seq;  // the Close before it makes it skippable
     } else if (statements_.find(entry.name) == statements_.end()) {
         // A named statement cannot be redefined (the server answers 42P05), so the old
         // classification stays for an existing name.
@@ -573,6 +683,7 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
         if (auto it = statements_.find(bind->statement);
             it != statements_.end() && (closing_statements_.empty() || !closing_statements_.contains(bind->statement)))
             classification = it->second;  // else unknown: fail closed at Execute
+        if (names_converted_ && name_converted(bind->portal)) classification = nullptr;
         if (auto it = portals_.find(bind->portal); it != portals_.end())
             it->second = {std::move(classification), entry.seq};
         else
@@ -585,12 +696,13 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
 }
 
 void Interceptor::inject_extended(std::string& out, const std::string& sql, Plan plan) {
-    wire::append_parse(out, kInjectName, sql);
-    wire::append_bind(out, kInjectName, kInjectName);
-    wire::append_execute(out, kInjectName);
+    const std::string name = fresh_name(kInjectName);
+    wire::append_parse(out, name, sql);
+    wire::append_bind(out, name, name);
+    wire::append_execute(out, name);
     // A named portal outlives its statement's Close: close both.
-    wire::append_close(out, 'P', kInjectName);
-    wire::append_close(out, 'S', kInjectName);
+    wire::append_close(out, 'P', name);
+    wire::append_close(out, 'S', name);
     Pending parse, bind, execute, close_portal, close;
     parse.kind = Pending::Kind::kParse;
     parse.swallow = true;
@@ -626,7 +738,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         return step;
     }
     std::shared_ptr<const policy::Classification> classification;
-    if (execute) {
+    if (execute && !(names_converted_ && name_converted(execute->portal))) {
         execute->portal = server_name(execute->portal);
         if (auto it = portals_.find(execute->portal);
             it != portals_.end() && (closing_portals_.empty() || !closing_portals_.contains(execute->portal)))
@@ -712,7 +824,7 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
             case ServerStep::Type::kProbe: {
                 plan.mode = Plan::Mode::kProbe;
                 plan.error = error_bytes(s.error);
-                wire::append_execute(step.replacement, kProbePortal);
+                wire::append_execute(step.replacement, fresh_name(kProbePortal));
                 Pending entry;
                 entry.kind = Pending::Kind::kExecute;
                 entry.plans.push_back(std::move(plan));
@@ -1048,8 +1160,12 @@ void Interceptor::track_prepared(const policy::StatementInfo& s, Decision& decis
         }
     }
     if (s.deallocate_all) {
+        // The unnamed statement is not a prepared statement to DEALLOCATE ALL (nor DISCARD ALL).
         if (!statements_.empty()) decision.cleared = std::make_shared<const StatementMap>(statements_);
+        std::shared_ptr<const policy::Classification> unnamed;
+        if (auto it = statements_.find(std::string_view{}); it != statements_.end()) unnamed = std::move(it->second);
         statements_.clear();
+        if (unnamed) statements_.emplace(std::string(), std::move(unnamed));
     }
 }
 
@@ -1169,7 +1285,7 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
     ResponseStep step;
     if (type == wire::be::kParameterStatus) {
         auto status = wire::parse_parameter_status(body_of(message));
-        if (status && status->name == "application_name") identity_.set_application_name(std::string(status->value));
+        if (status) on_parameter(status->name, status->value);
         return step;
     }
     if (type == wire::be::kErrorResponse) {
@@ -1182,6 +1298,20 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
     }
     if (queue_.empty()) return step;
     Pending& front = queue_.front();
+    if (type == wire::be::kCopyInResponse) {
+        // The server reads the client's copy data now, and ignores any Sync or Flush until
+        // CopyDone or CopyFail (libpq sends a Sync right after the Execute of a COPY): those
+        // Syncs will get no ReadyForQuery.
+        // (copy_done_seq_ >= front.seq: the client ended the copy after this statement came.)
+        const bool done_already = copy_done_seq_ >= front.seq;
+        for (std::size_t i = 1; i < queue_.size(); ++i) {
+            Pending& later = queue_.at(i);
+            if (done_already && later.seq > copy_done_seq_) break;
+            if (later.kind == Pending::Kind::kSync) later.ignored = true;
+        }
+        if (!done_already) copy_in_ = true;
+        return step;
+    }
     if (front.swallow) step.action = ResponseStep::Action::kDrop;
     switch (type) {
         case wire::be::kCommandComplete:
@@ -1313,7 +1443,7 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
             // A failed Execute's PREPARE or DEALLOCATE did not happen.
             if (front.kind == Pending::Kind::kExecute) undo_prepared(front, 0);
             queue_.pop_front();
-            while (!queue_.empty() && queue_.front().kind != Pending::Kind::kSync) {
+            while (!queue_.empty() && (queue_.front().kind != Pending::Kind::kSync || queue_.front().ignored)) {
                 Pending& skipped = queue_.front();
                 if (skipped.kind == Pending::Kind::kParse && skipped.created)
                     undefined.emplace_back(skipped.name, std::move(skipped.previous));
@@ -1355,9 +1485,11 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
     // Answers end at the first Sync, Query or FunctionCall entry.
     while (!queue_.empty()) {
         auto kind = queue_.front().kind;
+        const bool ignored = queue_.front().ignored;  // a Sync sent during COPY FROM STDIN
         swallowed = queue_.front().swallow;
         queue_.pop_front();
-        if (kind == Pending::Kind::kSync || kind == Pending::Kind::kQuery || kind == Pending::Kind::kFunctionCall)
+        if ((kind == Pending::Kind::kSync && !ignored) || kind == Pending::Kind::kQuery ||
+            kind == Pending::Kind::kFunctionCall)
             break;
     }
     if (swallowed) step.action = ResponseStep::Action::kDrop;
@@ -1373,6 +1505,7 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
         if (actual == TxState::kIdle && tracker_.state() != TxState::kIdle) identity_.rollback_transaction();
         tracker_.on_ready_for_query(actual);
         errors_in_flight_ = false;
+        if (!redefining_.empty()) redefining_.clear();  // all answered
         if (actual == TxState::kIdle) {
             // Portals end with their transaction. The names stay (up to a few), mapped to
             // null, so that the next Bind of the same name allocates nothing.

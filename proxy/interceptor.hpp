@@ -85,6 +85,9 @@ public:
     // Dooms the current transaction (admin API); "" on success, else why not.
     std::string doom(const std::string& reason);
 
+    // A parameter the server reported (ParameterStatus), also those of the startup.
+    void on_parameter(std::string_view name, std::string_view value);
+
     policy::TxState tx_state() const { return tracker_.state(); }
     const policy::TransactionTracker& transaction() const { return tracker_; }
     const policy::ClientIdentity& identity() const { return identity_; }
@@ -151,6 +154,7 @@ private:
         std::string synthetic;     // kSynthetic: everything the client gets for it
         policy::Clock::time_point sent{};
         std::uint64_t seq = 0;     // order of arrival in the queue
+        bool ignored = false;      // kSync: sent during COPY FROM STDIN, which the server ignores
         // kParse that redefined a name (the unnamed statement, or one a Close in the same
         // batch freed): what the name meant before, back in place if the server skips it.
         std::shared_ptr<const policy::Classification> previous;
@@ -166,6 +170,7 @@ private:
             closed_target = 0;
             synthetic.clear();
             sent = {};
+            ignored = false;
             previous.reset();
         }
     };
@@ -267,12 +272,28 @@ private:
     // Entries get increasing numbers as they join the queue, so "still unanswered" is a
     // comparison with the front's. last_sync_ is the client's latest Sync.
     std::uint64_t next_seq_ = 0;
+    // COPY FROM STDIN: the server is reading copy data (client Syncs go unanswered), and
+    // the seq of the last entry before the client's latest CopyDone or CopyFail.
+    bool copy_in_ = false;
+    std::uint64_t copy_done_seq_ = 0;
     std::uint64_t last_sync_ = 0;
-    // The latest Parse of the unnamed statement, and whether anything came before it in its
-    // batch (then an error there can make the server skip it, leaving the one before).
-    std::uint64_t unnamed_parse_ = 0;
-    bool unnamed_parse_skippable_ = false;
+    // Names whose latest Parse replaced a definition and may yet be skipped (something
+    // before it in its batch may fail, which leaves the one before): seq of that Parse.
+    NameMap<std::uint64_t> redefining_;
+    // How the server reads text that libpg_query reads otherwise (see classify()).
+    bool backslashes_differ_ = false;
+    bool high_bytes_differ_ = false;
+    bool names_converted_ = false;
+    std::string client_encoding_ = "UTF8";
+    std::string server_encoding_ = "UTF8";
+    std::shared_ptr<const policy::Classification> classify(std::string_view sql) const;
+    bool name_converted(std::string_view name) const;
     bool unanswered(std::uint64_t seq) const { return !queue_.empty() && queue_.front().seq <= seq; }
+    // A Bind (or Parse) in a batch that ended, still unanswered.
+    bool bind_unanswered(std::uint64_t seq) const { return seq < last_sync_ && unanswered(seq); }
+    bool redefinition_unanswered(std::string_view name) const;
+    // EXECUTE or FETCH of a name whose meaning awaits such an answer.
+    bool use_unsettled(const policy::StatementInfo& statement) const;
     // Names with a Close in flight (count of Closes): uses of them count as unknown.
     NameMap<int> closing_statements_;
     NameMap<int> closing_portals_;

@@ -363,3 +363,166 @@ def test_skipped_close_and_parse_leave_the_statement_before(warden, pg_server):
         raw.sync()
         assert ready(raw) == ["E:42601", "Z:I"]
         util.assert_runs_read(raw, "s3", b"3")
+
+
+@pytest.mark.parametrize("use", ["bind", "sql_execute"])
+def test_skipped_close_and_parse_then_pipelined_use(warden, pg_server, use):
+    with util.raw_session(warden) as raw:
+        raw.parse("s1", AUDIT)
+        raw.sync()
+        assert ready(raw) == ["1", "Z:I"]
+        with raw.one_write():
+            raw.parse("x", "selectx")  # fails: the Close and Parse below are skipped
+            raw.close_object("S", "s1")
+            raw.parse("s1", "select 1")
+            raw.sync()
+            if use == "bind":
+                raw.bind("", "s1")  # s1 is still the INSERT on the server
+                raw.execute("")
+                raw.sync()
+            else:
+                raw.query("execute s1")
+        got = ready(raw, 2)
+    assert util.committed(pg_server, "audit.log") == []
+    assert got == ["E:42601", "Z:I"] + (["2", "E:42501", "Z:I"] if use == "bind" else ["E:42501", "Z:I"])
+
+
+def test_fetch_of_portal_after_pipelined_failed_bind(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.query("begin")
+        assert ready(raw) == ["C", "Z:T"]
+        raw.parse("sA", AUDIT + " returning id")
+        raw.parse("sB", "select 1")
+        raw.bind("p", "sA")
+        raw.sync()
+        assert ready(raw) == ["1", "1", "2", "Z:T"]
+        raw.query("savepoint s")
+        assert ready(raw) == ["C", "Z:T"]
+        with raw.one_write():
+            raw.bind("p", "sB")  # fails (42P03): p stays the INSERT
+            raw.sync()
+            raw.query("rollback to savepoint s")
+            raw.query("fetch all from p")
+        got = ready(raw, 3)
+        raw.query("commit")
+        ready(raw)
+    assert util.committed(pg_server, "audit.log") == []
+    assert got == ["E:42P03", "Z:E", "C", "Z:T", "E:42501", "Z:E"]
+
+
+# -- pgwarden's own names cannot be taken by a client ---------------------------------------
+
+
+def test_client_portal_named_like_the_old_probe(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.parse("sA", AUDIT)
+        raw.bind("pgwarden.rejected", "sA")
+        raw.bind("", "sA")
+        raw.execute("")  # rejected: the probe must not run the client's portal
+        raw.sync()
+        assert ready(raw) == ["1", "2", "2", "E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_client_cursor_named_like_the_old_probe(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.query('begin; declare "pgwarden.rejected" cursor for select 1')
+        assert ready(raw) == ["C", "C", "Z:T"]
+        with raw.one_write():
+            raw.query(AUDIT)
+            raw.query(AUDIT)  # the block failed: refused by the server
+            raw.query("commit")
+        assert ready(raw, 3) == ["E:42501", "Z:E", "E:25P02", "Z:E", "C", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+# -- COPY FROM STDIN through the extended protocol ------------------------------------------
+
+
+def copy_in_extended(raw, fail: bool) -> None:
+    with raw.one_write():
+        raw.parse("", "copy icpt_items from stdin")
+        raw.bind("", "")
+        raw.execute("")
+        raw.sync()  # libpq sends it at once; the server ignores it during COPY
+    assert [kind for kind, _ in raw.read_until("G")] == ["1", "2", "G"]
+    if fail:
+        raw.send(b"f", b"client gave up\0")
+        raw.sync()
+        assert ready(raw) == ["E:57014", "Z:I"]
+    else:
+        raw.send(b"d", b"1\n")
+        raw.send(b"c")
+        raw.sync()
+        assert ready(raw) == ["C", "Z:I"]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_sync_during_copy_in_is_not_an_answer_to_wait_for(warden, pg_server, fail):
+    with util.raw_session(warden) as raw:
+        copy_in_extended(raw, fail)
+        raw.parse("s1", "select 1")
+        raw.sync()
+        assert ready(raw) == ["1", "Z:I"]
+        with raw.one_write():
+            raw.parse("s1", "select 2")
+            raw.sync()
+            raw.query(AUDIT)
+        assert ready(raw, 2) == ["E:42P05", "Z:I", "E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+    assert util.committed(pg_server, "icpt_items") == ([] if fail else [1])
+    util.assert_clean_log(warden)
+
+
+def test_deallocate_all_keeps_the_unnamed_statement(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        raw.parse("d", "deallocate all")
+        raw.parse("", "select 5")
+        raw.sync()
+        assert ready(raw) == ["1", "1", "Z:I"]
+        raw.bind("pd", "d")
+        raw.execute("pd")
+        raw.sync()
+        assert ready(raw) == ["2", "C", "Z:I"]
+        util.assert_runs_read(raw, "", b"5")
+
+
+# -- text the server reads otherwise than libpg_query ---------------------------------------
+
+
+def test_backslash_quotes_with_standard_conforming_strings_off(warden, pg_server):
+    # Text with a backslash is judged unknown then (docs/semantics.md): here, rejected.
+    with util.raw_session(warden) as raw:
+        raw.query("set standard_conforming_strings = off")
+        util.read_until_ready(raw)
+        # To the server: a SELECT of 'x'' then the INSERT; to a standard reading: one SELECT.
+        raw.query("select 'x\\''; insert into audit.log values (100); --'")
+        assert [m for m in ready(raw) if not m.startswith("N:")][-2:] == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+@pytest.mark.parametrize("encoding", ["SJIS", "GBK"])
+def test_client_only_encoding_cannot_hide_a_quote(warden, pg_server, encoding):
+    with util.raw_session(warden, client_encoding=encoding) as raw:
+        # 0x95 0x5C is one character in SJIS and GBK: the backslash does not escape the quote.
+        raw.send(b"Q", b"select E'\x95\\'; insert into audit.log values (100); --'\0")
+        assert ready(raw)[-2:] == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_long_non_ascii_names_in_a_converted_encoding(warden, pg_server):
+    n1 = ("\xe9" * 32 + "x").encode("latin1")  # 33 bytes here, 65 in UTF-8 on the server:
+    n2 = ("\xe9" * 32 + "y").encode("latin1")  # the server keys both by the same 63 bytes
+    with util.raw_session(warden, client_encoding="LATIN1") as raw:
+        raw.send(b"P", n1 + b"\0select 1\0\0\0")
+        raw.sync()
+        assert ready(raw) == ["1", "Z:I"]
+        raw.send(b"C", b"S" + n2 + b"\0")
+        raw.send(b"P", n2 + b"\0" + AUDIT.encode() + b"\0\0\0")
+        raw.sync()
+        assert ready(raw) == ["3", "1", "Z:I"]
+        raw.send(b"B", b"\0" + n1 + b"\0" + b"\0\0\0\0\0\0")
+        raw.execute("")
+        raw.sync()
+        assert ready(raw) == ["2", "E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
