@@ -243,20 +243,53 @@ void Interceptor::on_parameter(std::string_view name, std::string_view value) {
     }
 }
 
-std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_view sql) const {
+std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_view sql, std::uint64_t before) const {
     // With standard_conforming_strings off a backslash escapes a quote, and in a client-only
     // encoding a high byte may swallow the backslash after it; libpg_query knows neither.
     // Such text is judged unknown (fail closed) rather than read another way than the server.
-    if ((backslashes_differ_ && sql.find('\\') != std::string_view::npos) ||
-        (high_bytes_differ_ && has_high_bytes(sql)))
+    // So is text with a backslash while an earlier statement may still turn either setting
+    // on (must_wait_for_server holds it back instead when the answer will come by itself).
+    // Only a backslash can change the reading: the bytes a client-only encoding's character
+    // may swallow (0x40-0x7E) include no quote, dollar, comment or statement delimiter.
+    const bool earlier = !queue_.empty() && queue_.front().seq < before;  // something sent before is unanswered
+    if ((backslashes_differ_ || earlier) && sql.find('\\') != std::string_view::npos &&
+        (backslashes_differ_ || reading_before(before) != Reading::kSettled))
         return unknown_classification();
+    if (high_bytes_differ_ && has_high_bytes(sql)) return unknown_classification();
     return runtime_.classifier().classify(sql);
 }
 
-bool Interceptor::name_converted(std::string_view name) const {
+bool Interceptor::name_converted(std::string_view name, std::uint64_t before) const {
     // The server converts a name to its encoding before cutting it at 63 bytes: a long
-    // non-ASCII name may be cut elsewhere than in the client's bytes.
-    return names_converted_ && name.size() >= 16 && has_high_bytes(name);
+    // non-ASCII name may be cut elsewhere than in the client's bytes. An earlier statement
+    // still unanswered may change the client encoding.
+    if (name.size() < 16 || !has_high_bytes(name)) return false;
+    return names_converted_ || (!queue_.empty() && reading_before(before) != Reading::kSettled);
+}
+
+Interceptor::Reading Interceptor::reading_before(std::uint64_t before) const {
+    Reading reading = Reading::kSettled;
+    for (std::size_t i = 0; i < queue_.size(); ++i) {
+        const Pending& entry = queue_[i];
+        if (entry.seq >= before) break;
+        switch (entry.kind) {
+            case Pending::Kind::kExecute:
+                if (entry.seq > last_sync_) return Reading::kUnsettled;
+                reading = Reading::kAwaitable;
+                break;
+            case Pending::Kind::kQuery:
+            case Pending::Kind::kFunctionCall:
+                reading = Reading::kAwaitable;  // each answers with its own ReadyForQuery
+                break;
+            case Pending::Kind::kSync:
+                // Its batch's ParameterStatus messages come just before its ReadyForQuery.
+                if (!entry.ignored) reading = Reading::kAwaitable;
+                break;
+            default:
+                break;
+        }
+    }
+    return reading;
 }
 
 bool Interceptor::definition_unsettled(const std::string_view* name) const {
@@ -298,6 +331,18 @@ bool Interceptor::definition_unsettled(const std::string_view* name) const {
     return false;
 }
 
+const std::shared_ptr<const policy::Classification>* Interceptor::statement_named(std::string_view name) const {
+    auto it = statements_.find(name);
+    if (it == statements_.end() || (!closing_statements_.empty() && closing_statements_.contains(name))) return nullptr;
+    return &it->second;
+}
+
+const Interceptor::Portal* Interceptor::portal_named(std::string_view name) const {
+    auto it = portals_.find(name);
+    if (it == portals_.end() || (!closing_portals_.empty() && closing_portals_.contains(name))) return nullptr;
+    return &it->second;
+}
+
 bool Interceptor::redefinition_unanswered(std::string_view name) const {
     if (redefining_.empty()) return false;
     auto it = redefining_.find(name);
@@ -313,12 +358,21 @@ bool Interceptor::use_unsettled(const policy::StatementInfo& s) const {
     return false;
 }
 
+bool Interceptor::reading_awaited(std::string_view sql) const {
+    // A backslash, read once the server has said whether an earlier statement changed
+    // standard_conforming_strings or the client encoding (classify()).
+    return sql.find('\\') != std::string_view::npos && reading_before(next_seq_ + 1) == Reading::kAwaitable;
+}
+
 bool Interceptor::must_wait_given_queue(char type, std::string_view message) const {
     if (type == wire::fe::kParse) {
         // The unnamed statement is always the last Parse's (the body starts with the name).
-        if (message.size() <= wire::kHeaderSize || message[wire::kHeaderSize] == '\0') return false;
+        const bool unnamed = message.size() <= wire::kHeaderSize || message[wire::kHeaderSize] == '\0';
+        if (unnamed && reading_before(next_seq_ + 1) != Reading::kAwaitable) return false;
         auto parse = wire::parse_parse(body_of(message));
-        if (!parse || parse->statement.empty()) return false;
+        if (!parse) return false;
+        if (reading_awaited(parse->sql)) return true;
+        if (parse->statement.empty()) return false;
         std::string_view name = server_name(parse->statement);
         return definition_unsettled(&name);
     }
@@ -345,12 +399,13 @@ bool Interceptor::must_wait_given_queue(char type, std::string_view message) con
         return false;
     }
     if (type == wire::fe::kQuery) {
+        auto q = wire::parse_query(body_of(message));
+        if (!q || q->sql.size() > runtime_.config()->proxy.max_statement_bytes) return false;
+        if (reading_awaited(q->sql)) return true;
         const bool definitions = definition_unsettled(nullptr);
         const bool ended = queue_.front().seq < last_sync_;
         if (!definitions && !ended) return false;
-        auto q = wire::parse_query(body_of(message));
-        if (!q || q->sql.size() > runtime_.config()->proxy.max_statement_bytes) return false;
-        for (const auto& s : classify(q->sql)->statements) {
+        for (const auto& s : classify(q->sql, next_seq_ + 1)->statements) {
             // Any PREPARE or DEALLOCATE waits (rare enough not to match names).
             if (definitions && (!s.prepare_name.empty() || !s.deallocate_name.empty() || s.deallocate_all))
                 return true;
@@ -402,8 +457,18 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
             return {};
         case wire::fe::kCopyDone:
         case wire::fe::kCopyFail:
-            copy_in_ = false;
-            copy_done_seq_ = next_seq_;
+            if (copy_in_) {
+                copy_in_ = false;  // ends the copy the server is in
+            } else if (!queue_.empty()) {
+                // A copy may yet start on the server before this arrives there. (With
+                // nothing unanswered, none can: the server will ignore it. Ends recorded
+                // before the oldest unanswered message no copy can take any more.)
+                drop_copy_ends_before(queue_.front().seq);
+                if (!copy_ends_.empty() && copy_ends_.back().after == next_seq_)
+                    ++copy_ends_.back().count;
+                else
+                    copy_ends_.push_back({next_seq_, 1});
+            }
             return {};
         case wire::fe::kFunctionCall:
             return on_function_call();
@@ -444,7 +509,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         return step;
     }
 
-    auto classification = classify(sql);
+    auto classification = classify(sql, entry.seq);
     const auto& statements = classification->statements;
     const TxState tx_at_start = tracker_.state();
     // A throttle that rejects the Query takes back what its statements did to the tracker.
@@ -642,7 +707,8 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         pushed();
         return step;
     }
-    auto classification = name_converted(entry.name) ? unknown_classification() : classify(parse->sql);
+    auto classification =
+        name_converted(entry.name, entry.seq) ? unknown_classification() : classify(parse->sql, entry.seq);
     if (entry.name.empty()) {
         // The unnamed statement is this Parse's whatever became of a Close of it.
         if (!closing_statements_.empty()) closing_statements_.erase(entry.name);
@@ -680,10 +746,9 @@ Interceptor::ClientStep Interceptor::on_bind(std::string_view message) {
         bind->portal = server_name(bind->portal);
         if (!bind->portal.empty()) entry.name.assign(bind->portal);  // the slot's name is empty
         std::shared_ptr<const policy::Classification> classification;
-        if (auto it = statements_.find(bind->statement);
-            it != statements_.end() && (closing_statements_.empty() || !closing_statements_.contains(bind->statement)))
-            classification = it->second;  // else unknown: fail closed at Execute
-        if (names_converted_ && name_converted(bind->portal)) classification = nullptr;
+        if (const auto* statement = statement_named(bind->statement))
+            classification = *statement;  // else unknown: fail closed at Execute
+        if (name_converted(bind->portal, entry.seq) || name_converted(bind->statement, entry.seq)) classification = nullptr;
         if (auto it = portals_.find(bind->portal); it != portals_.end())
             it->second = {std::move(classification), entry.seq};
         else
@@ -738,11 +803,9 @@ Interceptor::ClientStep Interceptor::on_execute(std::string_view message) {
         return step;
     }
     std::shared_ptr<const policy::Classification> classification;
-    if (execute && !(names_converted_ && name_converted(execute->portal))) {
+    if (execute && !name_converted(execute->portal, next_seq_ + 1)) {
         execute->portal = server_name(execute->portal);
-        if (auto it = portals_.find(execute->portal);
-            it != portals_.end() && (closing_portals_.empty() || !closing_portals_.contains(execute->portal)))
-            classification = it->second.classification;
+        if (const Portal* portal = portal_named(execute->portal)) classification = portal->classification;
     }
     if (classification && classification->statements.empty()) {
         // An empty query: EmptyQueryResponse, nothing to decide.
@@ -921,18 +984,15 @@ Interceptor::Decision Interceptor::decide(const policy::StatementInfo& input, st
     };
     // SQL-level EXECUTE runs a statement prepared earlier: judge what it runs.
     if (!input.execute_name.empty()) {
-        auto it = statements_.find(input.execute_name);
-        bool known = it != statements_.end() && !it->second->statements.empty() &&
-                     (closing_statements_.empty() || !closing_statements_.contains(input.execute_name));
-        statement = known ? &it->second->statements.front() : &unknown_statement();
+        const auto* prepared = statement_named(input.execute_name);
+        statement = prepared && !(*prepared)->statements.empty() ? &(*prepared)->statements.front() : &unknown_statement();
     } else if (!input.fetch_portal.empty() && !portals_.empty()) {
         // FETCH or MOVE of a protocol-level portal runs that portal's statement (an INSERT
         // ... RETURNING, say): judge that. SQL cursors are not in the map; they are reads.
-        if (auto it = portals_.find(input.fetch_portal); it != portals_.end()) {
-            const auto& held = it->second.classification;
-            bool known = held && !held->statements.empty() &&
-                         (closing_portals_.empty() || !closing_portals_.contains(input.fetch_portal));
-            statement = known ? &held->statements.front() : &unknown_statement();
+        if (portals_.contains(input.fetch_portal)) {
+            const Portal* portal = portal_named(input.fetch_portal);
+            const policy::Classification* held = portal ? portal->classification.get() : nullptr;
+            statement = held && !held->statements.empty() ? &held->statements.front() : &unknown_statement();
         }
     }
     const bool prepare_only = !input.prepare_name.empty();
@@ -1281,6 +1341,35 @@ void Interceptor::pop_front(std::string& sink) {
     activate_front(sink);
 }
 
+void Interceptor::drop_copy_ends_before(std::uint64_t seq) {
+    std::size_t stale = 0;
+    while (stale < copy_ends_.size() && copy_ends_[stale].after < seq) ++stale;
+    if (stale > 0) copy_ends_.erase(copy_ends_.begin(), copy_ends_.begin() + static_cast<std::ptrdiff_t>(stale));
+}
+
+void Interceptor::on_copy_in_response() {
+    // The server reads the client's copy data now, and ignores any Sync or Flush until
+    // CopyDone or CopyFail (libpq sends a Sync right after the Execute of a COPY): those
+    // Syncs will get no ReadyForQuery. The copy reads the client's messages from just after
+    // the one that started it (a Query may run several copies, one after the other), so it
+    // ends at the first CopyDone or CopyFail sent after that message and not yet taken by
+    // an earlier copy.
+    const std::uint64_t started = queue_.front().seq;
+    drop_copy_ends_before(started);
+    const bool ended = !copy_ends_.empty();
+    const std::uint64_t end = ended ? copy_ends_.front().after : next_seq_;
+    for (std::size_t i = 1; i < queue_.size(); ++i) {
+        Pending& later = queue_.at(i);
+        if (later.seq > end) break;
+        if (later.kind == Pending::Kind::kSync) later.ignored = true;
+    }
+    if (!ended) {
+        copy_in_ = true;  // the client has not ended it yet
+    } else if (--copy_ends_.front().count == 0) {
+        copy_ends_.erase(copy_ends_.begin());
+    }
+}
+
 Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_view message) {
     ResponseStep step;
     if (type == wire::be::kParameterStatus) {
@@ -1299,17 +1388,7 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
     if (queue_.empty()) return step;
     Pending& front = queue_.front();
     if (type == wire::be::kCopyInResponse) {
-        // The server reads the client's copy data now, and ignores any Sync or Flush until
-        // CopyDone or CopyFail (libpq sends a Sync right after the Execute of a COPY): those
-        // Syncs will get no ReadyForQuery.
-        // (copy_done_seq_ >= front.seq: the client ended the copy after this statement came.)
-        const bool done_already = copy_done_seq_ >= front.seq;
-        for (std::size_t i = 1; i < queue_.size(); ++i) {
-            Pending& later = queue_.at(i);
-            if (done_already && later.seq > copy_done_seq_) break;
-            if (later.kind == Pending::Kind::kSync) later.ignored = true;
-        }
-        if (!done_already) copy_in_ = true;
+        on_copy_in_response();
         return step;
     }
     if (front.swallow) step.action = ResponseStep::Action::kDrop;
@@ -1386,6 +1465,9 @@ Interceptor::ResponseStep Interceptor::on_server_message(char type, std::string_
 }
 
 void Interceptor::on_error_response(std::string_view message, ResponseStep& step) {
+    // A COPY FROM STDIN that fails ends there: the server answers the client's next Sync
+    // (extended protocol) and ignores the copy data and CopyDone still to come.
+    copy_in_ = false;
     if (queue_.empty()) return;
     auto fields = wire::parse_error_fields(body_of(message));
     std::string_view sqlstate = fields ? fields->sqlstate() : std::string_view{};

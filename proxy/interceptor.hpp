@@ -269,13 +269,26 @@ private:
         std::uint64_t bound = 0;  // seq of its Bind
     };
     NameMap<Portal> portals_;
+    // What a name means to the server for a Bind, Execute, EXECUTE or FETCH: null when it
+    // is not known here or a Close of it is in flight (judged as unknown).
+    const std::shared_ptr<const policy::Classification>* statement_named(std::string_view name) const;
+    const Portal* portal_named(std::string_view name) const;
     // Entries get increasing numbers as they join the queue, so "still unanswered" is a
     // comparison with the front's. last_sync_ is the client's latest Sync.
     std::uint64_t next_seq_ = 0;
-    // COPY FROM STDIN: the server is reading copy data (client Syncs go unanswered), and
-    // the seq of the last entry before the client's latest CopyDone or CopyFail.
+    // COPY FROM STDIN: the server is reading copy data (client Syncs go unanswered).
     bool copy_in_ = false;
-    std::uint64_t copy_done_seq_ = 0;
+    // The client's CopyDone and CopyFail messages sent while no copy was known to have
+    // started, in order: for each, the seq of the last entry before it, and how many came
+    // there. The server ends each COPY FROM STDIN at the first of them after the message
+    // that started it; the ones it meets outside a copy it ignores.
+    struct CopyEnd {
+        std::uint64_t after = 0;
+        std::uint32_t count = 0;
+    };
+    std::vector<CopyEnd> copy_ends_;
+    void on_copy_in_response();
+    void drop_copy_ends_before(std::uint64_t seq);
     std::uint64_t last_sync_ = 0;
     // Names whose latest Parse replaced a definition and may yet be skipped (something
     // before it in its batch may fail, which leaves the one before): seq of that Parse.
@@ -286,8 +299,19 @@ private:
     bool names_converted_ = false;
     std::string client_encoding_ = "UTF8";
     std::string server_encoding_ = "UTF8";
-    std::shared_ptr<const policy::Classification> classify(std::string_view sql) const;
-    bool name_converted(std::string_view name) const;
+    // Text of a message that came after entry `before - 1`.
+    std::shared_ptr<const policy::Classification> classify(std::string_view sql, std::uint64_t before) const;
+    bool name_converted(std::string_view name, std::uint64_t before) const;
+    // Whether a statement sent before entry `before` may still change those settings (SET,
+    // set_config, a function or trigger): the server reports the change only with its next
+    // ReadyForQuery, after it has already read what follows under the new value.
+    enum class Reading : std::uint8_t {
+        kSettled,    // nothing unanswered may change them
+        kAwaitable,  // something may, and the server will answer it without more from the client
+        kUnsettled,  // an Execute in the batch still open may: its answer waits for the client's Sync
+    };
+    Reading reading_before(std::uint64_t before) const;
+    bool reading_awaited(std::string_view sql) const;
     bool unanswered(std::uint64_t seq) const { return !queue_.empty() && queue_.front().seq <= seq; }
     // A Bind (or Parse) in a batch that ended, still unanswered.
     bool bind_unanswered(std::uint64_t seq) const { return seq < last_sync_ && unanswered(seq); }

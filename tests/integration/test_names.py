@@ -474,6 +474,79 @@ def test_sync_during_copy_in_is_not_an_answer_to_wait_for(warden, pg_server, fai
     util.assert_clean_log(warden)
 
 
+def read_through(raw, kind: str) -> list[str]:
+    return [k for k, _ in raw.read_until(kind)]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_sync_during_the_second_copy_of_one_query(warden, pg_server, pipelined):
+    # Both copies are one Query's: the Sync sent during the second is ignored too, so no
+    # later wait for an answer may count on a ReadyForQuery for it.
+    with util.raw_session(warden) as raw:
+        raw.query("copy icpt_items from stdin; copy icpt_items from stdin")
+        assert read_through(raw, "G") == ["G"]
+        raw.send(b"d", b"1\n")
+        raw.send(b"c")
+        assert read_through(raw, "G") == ["C", "G"]
+        raw.sync()  # ignored by the server
+        raw.send(b"d", b"2\n")
+        raw.send(b"c")
+        assert ready(raw) == ["C", "Z:I"]
+        if pipelined:
+            with raw.one_write():
+                raw.parse("s1", "selectx")
+                raw.sync()
+                raw.parse("s1", AUDIT)
+                raw.bind("", "s1")
+                raw.execute("")
+                raw.sync()
+            assert ready(raw, 2) == ["E:42601", "Z:I", "1", "2", "E:42501", "Z:I"]
+        else:
+            raw.parse("s1", "selectx")
+            raw.sync()
+            assert ready(raw) == ["E:42601", "Z:I"]
+            raw.parse("s1", AUDIT)
+            raw.sync()
+            assert ready(raw) == ["1", "Z:I"]
+            raw.bind("", "s1")
+            raw.execute("")
+            raw.sync()
+            assert ready(raw) == ["2", "E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+    assert util.committed(pg_server, "icpt_items") == [1, 2]
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_copy_that_fails_midway_then_a_sync(warden, pg_server, extended):
+    # Bad copy data ends the copy on the server: the client's next Sync is answered.
+    with util.raw_session(warden) as raw:
+        if extended:
+            raw.parse("", "copy icpt_items from stdin")
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+            assert read_through(raw, "G") == ["1", "2", "G"]
+            raw.send(b"d", b"notanint\n")
+            assert read_through(raw, "E") == ["E"]
+            raw.sync()
+            assert ready(raw) == ["Z:I"]
+        else:
+            raw.query("copy icpt_items from stdin")
+            assert read_through(raw, "G") == ["G"]
+            raw.send(b"d", b"notanint\n")
+            assert ready(raw) == ["E:22P02", "Z:I"]
+        raw.parse("s1", "selectx")
+        raw.sync()
+        assert ready(raw) == ["E:42601", "Z:I"]
+        with raw.one_write():
+            raw.parse("s1", AUDIT)
+            raw.bind("", "s1")
+            raw.execute("")
+            raw.sync()
+        assert ready(raw) == ["1", "2", "E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
 def test_deallocate_all_keeps_the_unnamed_statement(warden, pg_server):
     with util.raw_session(warden) as raw:
         raw.parse("d", "deallocate all")
@@ -526,3 +599,81 @@ def test_long_non_ascii_names_in_a_converted_encoding(warden, pg_server):
         raw.sync()
         assert ready(raw) == ["2", "E:42501", "Z:I"]
     assert util.committed(pg_server, "audit.log") == []
+
+
+# -- a setting that changes the reading, sent without waiting for its answer ---------------
+
+# Read with standard_conforming_strings on, one SELECT of two literals; read with it off (as
+# the server does after the SET), a SELECT of one literal, the INSERT, and a comment.
+SCS_QUERY = "select 'x\\', '; insert into audit.log values (100); --'"
+# The same trick in one statement, for the extended protocol: with it off, a WITH that
+# inserts; with it on, a WITH whose second literal holds the insert.
+SCS_STATEMENT = ("with a as (select 'x\\', ' as y), b as (insert into audit.log values (100) returning 1) "
+                 "select 1 from a, b --') select * from a")
+SCS_OFF = {
+    "set": "set standard_conforming_strings = off",
+    "set_config": "select set_config('standard_conforming_strings', 'off', false)",
+}
+
+
+@pytest.mark.parametrize("how", ["set", "set_config", "set_config_extended"])
+def test_setting_change_pipelined_with_the_text_it_affects(warden, pg_server, how):
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            if how == "set_config_extended":
+                raw.parse("", SCS_OFF["set_config"])
+                raw.bind("", "")
+                raw.execute("")
+                raw.sync()
+            else:
+                raw.query(SCS_OFF[how])
+            raw.query(SCS_QUERY)
+        answers = [m for m in ready(raw, 2) if not m.startswith("N:")]
+        assert answers[-2:] == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_client_encoding_change_pipelined_with_the_text_it_affects(warden, pg_server):
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.query("set client_encoding = 'SJIS'")
+            # 0x95 0x5C is one character in SJIS: the backslash does not escape the quote.
+            raw.send(b"Q", b"select E'\x95\\'; insert into audit.log values (100); select ' --'\0")
+        assert ready(raw, 2)[-2:] == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_setting_change_in_the_open_batch_makes_backslash_text_unknown(warden, pg_server):
+    # The server reports the change only at the batch's ReadyForQuery, which waits for the
+    # client's Sync: pgwarden cannot wait, and judges the text unknown (here, rejected).
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.parse("", SCS_OFF["set_config"])
+            raw.bind("", "")
+            raw.execute("")
+            raw.parse("", SCS_STATEMENT)
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+        answers = [m for m in ready(raw) if not m.startswith("N:")]
+        assert answers[-2:] == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_backslash_text_after_an_answered_batch_runs(warden, pg_server):
+    # Held until the earlier statement's answer said the reading stays: then judged as usual.
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.query("select 1")
+            raw.query("select 'a\\b' as v")
+        assert ready(raw, 2) == ["T", "D*1", "C", "Z:I", "T", "D*1", "C", "Z:I"]
+        with raw.one_write():
+            raw.parse("", "select 1")
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+            raw.parse("", "select 'a\\b' as v")
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+        assert ready(raw, 2) == ["1", "2", "D*1", "C", "Z:I", "1", "2", "D*1", "C", "Z:I"]
