@@ -1,16 +1,37 @@
 // Accepting connections and spreading them over the worker threads.
 #include "proxy/listener.hpp"
 
+#include <unistd.h>
+
+#include <utility>
+
 #include "proxy/client_session.hpp"
 #include "proxy/event_log.hpp"
 
 namespace pgwarden::proxy {
 
+namespace {
+
+// An accepted descriptor on its way to a worker: closed if it never gets there (the
+// worker stopped first).
+struct OwnedDescriptor {
+    int fd = -1;
+    explicit OwnedDescriptor(int d) : fd(d) {}
+    OwnedDescriptor(OwnedDescriptor&& other) noexcept : fd(std::exchange(other.fd, -1)) {}
+    OwnedDescriptor& operator=(OwnedDescriptor&&) = delete;
+    ~OwnedDescriptor() {
+        if (fd >= 0) ::close(fd);
+    }
+};
+
+}  // namespace
+
 Listener::Listener(asio::io_context& accept_context, Runtime& runtime, const policy::Endpoint& endpoint,
                    unsigned threads)
-    : accept_context_(accept_context), runtime_(runtime), acceptor_(accept_context) {
+    : accept_context_(accept_context), runtime_(runtime), acceptor_(accept_context), protocol_(tcp::v4()) {
     auto address = asio::ip::make_address(endpoint.host);
     tcp::endpoint ep(address, endpoint.port);
+    protocol_ = ep.protocol();
     acceptor_.open(ep.protocol());
     acceptor_.set_option(tcp::acceptor::reuse_address(true));
     acceptor_.bind(ep);
@@ -50,7 +71,7 @@ awaitable<void> Listener::accept_loop() {
     while (acceptor_.is_open()) {
         Worker& worker = *workers_[next_worker_++ % workers_.size()];
         boost::system::error_code ec;
-        tcp::socket socket = co_await acceptor_.async_accept(worker.context, asio::redirect_error(asio::use_awaitable, ec));
+        tcp::socket socket = co_await acceptor_.async_accept(asio::redirect_error(asio::use_awaitable, ec));
         if (ec) {
             if (ec == asio::error::operation_aborted || !acceptor_.is_open()) break;
             // Out of descriptors and the like: say so, back off briefly, keep serving.
@@ -60,7 +81,20 @@ awaitable<void> Listener::accept_loop() {
             continue;
         }
         if (runtime_.shutting_down.load()) continue;
-        asio::post(worker.context, [this, s = std::move(socket)]() mutable { start_session(runtime_, std::move(s)); });
+        // The worker registers the descriptor with its own reactor, on its own thread.
+        OwnedDescriptor fd{socket.release(ec)};
+        if (ec) continue;  // the socket closes with `socket`
+        asio::post(worker.context, [this, &worker, fd = std::move(fd)]() mutable {
+            tcp::socket socket(worker.context);
+            boost::system::error_code assigned;
+            socket.assign(protocol_, fd.fd, assigned);
+            if (assigned) {
+                log::error("accept_failed", {{"error", assigned.message()}});
+                return;
+            }
+            fd.fd = -1;  // the socket owns it now
+            start_session(runtime_, std::move(socket));
+        });
     }
 }
 

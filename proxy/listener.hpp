@@ -27,13 +27,18 @@ private:
     awaitable<void> accept_loop();
 
     struct Worker {
-        asio::io_context context{1};
+        // One thread runs it, and every operation on its sockets and timers starts on that
+        // thread (connections are handed over as bare descriptors, see accept_loop): Asio's
+        // per-descriptor locks would guard against nothing, so they are off. Posting to it
+        // from other threads stays safe (the scheduler keeps its lock).
+        asio::io_context context{BOOST_ASIO_CONCURRENCY_HINT_UNSAFE_IO};
         std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> guard;
         std::thread thread;
     };
     asio::io_context& accept_context_;
     Runtime& runtime_;
     tcp::acceptor acceptor_;
+    tcp protocol_;
     std::vector<std::unique_ptr<Worker>> workers_;
     std::size_t next_worker_ = 0;
 };
