@@ -243,53 +243,42 @@ void Interceptor::on_parameter(std::string_view name, std::string_view value) {
     }
 }
 
-std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_view sql, std::uint64_t before) const {
+std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_view sql) const {
     // With standard_conforming_strings off a backslash escapes a quote, and in a client-only
-    // encoding a high byte may swallow the backslash after it; libpg_query knows neither.
-    // Such text is judged unknown (fail closed) rather than read another way than the server.
-    // So is text with a backslash while an earlier statement may still turn either setting
-    // on (must_wait_for_server holds it back instead when the answer will come by itself).
-    // Only a backslash can change the reading: the bytes a client-only encoding's character
-    // may swallow (0x40-0x7E) include no quote, dollar, comment or statement delimiter.
-    const bool earlier = !queue_.empty() && queue_.front().seq < before;  // something sent before is unanswered
-    if ((backslashes_differ_ || earlier) && sql.find('\\') != std::string_view::npos &&
-        (backslashes_differ_ || reading_before(before) != Reading::kSettled))
-        return unknown_classification();
-    if (high_bytes_differ_ && has_high_bytes(sql)) return unknown_classification();
+    // encoding a high byte may swallow the byte after it (a backslash, or a backquote that
+    // libpg_query fails on where the server reads a letter); libpg_query knows neither.
+    // Such text is judged unknown (fail closed) rather than read another way than the
+    // server. So is text with either while something sent since the latest ReadyForQuery
+    // may have changed those settings (must_wait_for_server held it back until then when a
+    // ReadyForQuery was on its way).
+    const bool may_change = last_exec_seq_ > last_ready_seq_;
+    const bool backslash = (may_change || backslashes_differ_) && sql.find('\\') != std::string_view::npos;
+    if (backslash || ((may_change || high_bytes_differ_) && has_high_bytes(sql))) return unknown_classification();
     return runtime_.classifier().classify(sql);
 }
 
 bool Interceptor::name_converted(std::string_view name, std::uint64_t before) const {
     // The server converts a name to its encoding before cutting it at 63 bytes: a long
-    // non-ASCII name may be cut elsewhere than in the client's bytes. An earlier statement
-    // still unanswered may change the client encoding.
+    // non-ASCII name may be cut elsewhere than in the client's bytes. Something sent since
+    // the latest ReadyForQuery may have changed the client encoding.
     if (name.size() < 16 || !has_high_bytes(name)) return false;
-    return names_converted_ || (!queue_.empty() && reading_before(before) != Reading::kSettled);
+    return names_converted_ || reading_before(before) != Reading::kSettled;
 }
 
 Interceptor::Reading Interceptor::reading_before(std::uint64_t before) const {
-    Reading reading = Reading::kSettled;
-    for (std::size_t i = 0; i < queue_.size(); ++i) {
+    if (last_exec_seq_ <= last_ready_seq_) return Reading::kSettled;
+    // A ReadyForQuery that will come by itself, for the latest message that may have changed
+    // them or one after it (a Sync the server ignores during COPY FROM STDIN will not do;
+    // its CopyInResponse wakes a wait to look again).
+    for (std::size_t i = queue_.size(); i-- > 0;) {
         const Pending& entry = queue_[i];
-        if (entry.seq >= before) break;
-        switch (entry.kind) {
-            case Pending::Kind::kExecute:
-                if (entry.seq > last_sync_) return Reading::kUnsettled;
-                reading = Reading::kAwaitable;
-                break;
-            case Pending::Kind::kQuery:
-            case Pending::Kind::kFunctionCall:
-                reading = Reading::kAwaitable;  // each answers with its own ReadyForQuery
-                break;
-            case Pending::Kind::kSync:
-                // Its batch's ParameterStatus messages come just before its ReadyForQuery.
-                if (!entry.ignored) reading = Reading::kAwaitable;
-                break;
-            default:
-                break;
-        }
+        if (entry.seq < last_exec_seq_) break;
+        if (entry.seq >= before) continue;
+        if (entry.kind == Pending::Kind::kQuery || entry.kind == Pending::Kind::kFunctionCall ||
+            (entry.kind == Pending::Kind::kSync && !entry.ignored))
+            return Reading::kAwaitable;
     }
-    return reading;
+    return Reading::kUnsettled;
 }
 
 bool Interceptor::definition_unsettled(const std::string_view* name) const {
@@ -359,16 +348,18 @@ bool Interceptor::use_unsettled(const policy::StatementInfo& s) const {
 }
 
 bool Interceptor::reading_awaited(std::string_view sql) const {
-    // A backslash, read once the server has said whether an earlier statement changed
+    // Text read once the server has said whether something sent before it changed
     // standard_conforming_strings or the client encoding (classify()).
-    return sql.find('\\') != std::string_view::npos && reading_before(next_seq_ + 1) == Reading::kAwaitable;
+    return last_exec_seq_ > last_ready_seq_ &&
+           (sql.find('\\') != std::string_view::npos || has_high_bytes(sql)) &&
+           reading_before(next_seq_ + 1) == Reading::kAwaitable;
 }
 
 bool Interceptor::must_wait_given_queue(char type, std::string_view message) const {
     if (type == wire::fe::kParse) {
         // The unnamed statement is always the last Parse's (the body starts with the name).
         const bool unnamed = message.size() <= wire::kHeaderSize || message[wire::kHeaderSize] == '\0';
-        if (unnamed && reading_before(next_seq_ + 1) != Reading::kAwaitable) return false;
+        if (unnamed && reading_before(next_seq_ + 1) != Reading::kAwaitable) return false;  // settled or not awaitable
         auto parse = wire::parse_parse(body_of(message));
         if (!parse) return false;
         if (reading_awaited(parse->sql)) return true;
@@ -405,7 +396,7 @@ bool Interceptor::must_wait_given_queue(char type, std::string_view message) con
         const bool definitions = definition_unsettled(nullptr);
         const bool ended = queue_.front().seq < last_sync_;
         if (!definitions && !ended) return false;
-        for (const auto& s : classify(q->sql, next_seq_ + 1)->statements) {
+        for (const auto& s : classify(q->sql)->statements) {
             // Any PREPARE or DEALLOCATE waits (rare enough not to match names).
             if (definitions && (!s.prepare_name.empty() || !s.deallocate_name.empty() || s.deallocate_all))
                 return true;
@@ -509,7 +500,7 @@ Interceptor::ClientStep Interceptor::on_query(std::string_view sql) {
         return step;
     }
 
-    auto classification = classify(sql, entry.seq);
+    auto classification = classify(sql);
     const auto& statements = classification->statements;
     const TxState tx_at_start = tracker_.state();
     // A throttle that rejects the Query takes back what its statements did to the tracker.
@@ -708,7 +699,7 @@ Interceptor::ClientStep Interceptor::on_parse(std::string_view message) {
         return step;
     }
     auto classification =
-        name_converted(entry.name, entry.seq) ? unknown_classification() : classify(parse->sql, entry.seq);
+        name_converted(entry.name, entry.seq) ? unknown_classification() : classify(parse->sql);
     if (entry.name.empty()) {
         // The unnamed statement is this Parse's whatever became of a Close of it.
         if (!closing_statements_.empty()) closing_statements_.erase(entry.name);
@@ -1328,6 +1319,10 @@ void Interceptor::activate_front(std::string& sink) {
             queue_.pop_front();
             continue;
         }
+        if (front.kind == Pending::Kind::kSync && front.ignored) {
+            queue_.pop_front();  // sent during COPY FROM STDIN: no answer will come for it
+            continue;
+        }
         if (!front.started) {
             front.started = true;
             reach(front, sink);
@@ -1569,10 +1564,13 @@ void Interceptor::on_ready_for_query(std::string_view message, ResponseStep& ste
         auto kind = queue_.front().kind;
         const bool ignored = queue_.front().ignored;  // a Sync sent during COPY FROM STDIN
         swallowed = queue_.front().swallow;
+        const std::uint64_t seq = queue_.front().seq;
         queue_.pop_front();
         if ((kind == Pending::Kind::kSync && !ignored) || kind == Pending::Kind::kQuery ||
-            kind == Pending::Kind::kFunctionCall)
+            kind == Pending::Kind::kFunctionCall) {
+            last_ready_seq_ = seq;  // its ParameterStatus messages have come
             break;
+        }
     }
     if (swallowed) step.action = ResponseStep::Action::kDrop;
     if (ready && queue_.empty()) {

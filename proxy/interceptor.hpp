@@ -232,6 +232,7 @@ private:
         return entry;
     }
     void pushed() {
+        note_sent(queue_.back());
         if (queue_.size() == 1) activate_front(immediate_);
     }
     // Emits what the front entry says before its first server response (notices and
@@ -290,6 +291,15 @@ private:
     void on_copy_in_response();
     void drop_copy_ends_before(std::uint64_t seq);
     std::uint64_t last_sync_ = 0;
+    // The latest Query, Bind, Execute or FunctionCall sent to the server, and the entry
+    // the latest ReadyForQuery answered (see Reading).
+    std::uint64_t last_exec_seq_ = 0;
+    std::uint64_t last_ready_seq_ = 0;
+    void note_sent(const Pending& entry) {
+        if (entry.kind == Pending::Kind::kQuery || entry.kind == Pending::Kind::kBind ||
+            entry.kind == Pending::Kind::kExecute || entry.kind == Pending::Kind::kFunctionCall)
+            last_exec_seq_ = entry.seq;
+    }
     // Names whose latest Parse replaced a definition and may yet be skipped (something
     // before it in its batch may fail, which leaves the one before): seq of that Parse.
     NameMap<std::uint64_t> redefining_;
@@ -299,16 +309,19 @@ private:
     bool names_converted_ = false;
     std::string client_encoding_ = "UTF8";
     std::string server_encoding_ = "UTF8";
-    // Text of a message that came after entry `before - 1`.
-    std::shared_ptr<const policy::Classification> classify(std::string_view sql, std::uint64_t before) const;
+    std::shared_ptr<const policy::Classification> classify(std::string_view sql) const;
     bool name_converted(std::string_view name, std::uint64_t before) const;
-    // Whether a statement sent before entry `before` may still change those settings (SET,
-    // set_config, a function or trigger): the server reports the change only with its next
-    // ReadyForQuery, after it has already read what follows under the new value.
+    // Whether something the client sent may have changed those settings without pgwarden
+    // knowing yet: any Query, Bind (planning the unnamed statement may run a function),
+    // Execute or FunctionCall (SET, set_config, a function or trigger) sent after the
+    // latest ReadyForQuery pgwarden has seen. The server reports a changed setting only
+    // just before its next ReadyForQuery, and reads what follows under the new value at
+    // once; an answer without ReadyForQuery (Flush, or the batch still open) says nothing.
     enum class Reading : std::uint8_t {
-        kSettled,    // nothing unanswered may change them
-        kAwaitable,  // something may, and the server will answer it without more from the client
-        kUnsettled,  // an Execute in the batch still open may: its answer waits for the client's Sync
+        kSettled,    // nothing sent since the latest ReadyForQuery may have changed them
+        kAwaitable,  // something may have, and a ReadyForQuery after it will come without
+                     // more from the client (a Query of its own, a Sync in an ended batch)
+        kUnsettled,  // something may have, and no such ReadyForQuery is on its way
     };
     Reading reading_before(std::uint64_t before) const;
     bool reading_awaited(std::string_view sql) const;

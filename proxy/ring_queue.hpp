@@ -21,6 +21,7 @@ public:
     // The i-th entry from the front (i < size()).
     const T& operator[](std::size_t i) const { return slots_[(head_ + i) & (slots_.size() - 1)]; }
     T& at(std::size_t i) { return slots_[(head_ + i) & (slots_.size() - 1)]; }
+    const T& back() const { return slots_[(head_ + size_ - 1) & (slots_.size() - 1)]; }
 
     // A slot at the back, in T's reset state. References to entries stay valid until the
     // queue grows (an emplace_back while it is full).

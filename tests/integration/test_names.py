@@ -680,3 +680,84 @@ def test_backslash_text_after_an_answered_batch_runs(warden, pg_server):
             raw.execute("")
             raw.sync()
         assert ready(raw, 2) == ["1", "2", "D*1", "C", "Z:I", "1", "2", "D*1", "C", "Z:I"]
+
+
+@pytest.mark.parametrize("kind", ["query", "parse"])
+def test_client_encoding_change_pipelined_with_high_bytes(warden, pg_server, kind):
+    # No backslash: 0x82 0x60 is one SJIS character whose second byte is a backquote, on
+    # which libpg_query's reading fails (an unparsable statement names no table), while the
+    # server reads an identifier, then the INSERT.
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.query("set client_encoding = 'SJIS'")
+            if kind == "query":
+                raw.send(b"Q", b"select 1 as a\x82\x60; insert into audit.log values (100)\0")
+            else:
+                raw.send(b"P", b"\0with a\x82\x60 as (insert into audit.log values (100) returning 1) "
+                               b"select * from a\x82\x60\0\0\0")
+                raw.bind("", "")
+                raw.execute("")
+                raw.sync()
+        assert last_answers(raw, 2) == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_bind_may_change_the_reading(warden, pg_server):
+    # Planning the unnamed statement at Bind folds an immutable function, which here turns
+    # standard_conforming_strings off; no Execute comes before the next Parse.
+    with pg_server.connect() as conn:
+        conn.execute("create or replace function public.names_scs_off() returns int language plpgsql immutable "
+                     "as $$ begin perform set_config('standard_conforming_strings', 'off', false); return 1; end $$")
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.parse("", "select public.names_scs_off()")
+            raw.bind("", "")
+            raw.parse("", SCS_STATEMENT)
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+        assert last_answers(raw, 1) == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+@pytest.mark.parametrize("then", ["query", "parse"])
+def test_answers_without_ready_for_query_do_not_settle_the_reading(warden, pg_server, then):
+    # Flush brings the Execute's answer, but the ParameterStatus waits for ReadyForQuery:
+    # nothing is unanswered, yet the setting may have changed. Nothing is pipelined here.
+    with util.raw_session(warden) as raw:
+        raw.parse("", SCS_OFF["set_config"])
+        raw.bind("", "")
+        raw.execute("")
+        raw.flush()
+        assert [kind for kind, _ in raw.read_until("C")] == ["1", "2", "D", "C"]
+        if then == "query":
+            raw.query(SCS_QUERY)
+        else:
+            raw.parse("", SCS_STATEMENT)
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+        assert last_answers(raw, 1) == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+@pytest.mark.parametrize("backslash", [False, True])
+def test_text_after_an_extended_copy_in_one_write(warden, pg_server, backslash):
+    # The Sync after the COPY's Execute is one the server ignores: no ReadyForQuery comes
+    # before the Query, so pgwarden cannot wait for one. Text that may read otherwise is
+    # judged unknown (rejected here, fail closed); other text runs. Nothing hangs.
+    with util.raw_session(warden) as raw:
+        with raw.one_write():
+            raw.parse("", "copy icpt_items from stdin")
+            raw.bind("", "")
+            raw.execute("")
+            raw.sync()
+            raw.send(b"d", b"1\n")
+            raw.send(b"c")
+            raw.query("select 'a\\b' as v" if backslash else "select 'ab' as v")
+        answers = ready(raw)
+        assert answers[:4] == ["1", "2", "G", "C"]
+        if backslash and not harness.direct_mode():
+            assert answers[4:] == ["E:42501", "Z:I"]
+        else:
+            assert answers[4:] == ["T", "D*1", "C", "Z:T"] or answers[4:5] == ["T"]
