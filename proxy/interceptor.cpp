@@ -4,7 +4,12 @@
 
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <random>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <openssl/rand.h>
 
@@ -102,11 +107,28 @@ const std::shared_ptr<const policy::Classification>& unknown_classification() {
     return unknown;
 }
 
-bool has_high_bytes(std::string_view text) {
-    for (char c : text)
-        if (static_cast<unsigned char>(c) >= 0x80) return true;
+// Whether `text` has a byte above 0x7F, or (with `backslash`) a backslash: sixteen bytes
+// at a time, since every pipelined statement is looked at.
+bool has_byte_above_7f_or(std::string_view text, bool backslash) {
+    const char* p = text.data();
+    std::size_t i = 0;
+#if defined(__SSE2__)
+    const __m128i backslashes = _mm_set1_epi8('\\');
+    for (; i + 16 <= text.size(); i += 16) {
+        const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+        int found = _mm_movemask_epi8(chunk);  // the high bits
+        if (backslash) found |= _mm_movemask_epi8(_mm_cmpeq_epi8(chunk, backslashes));
+        if (found != 0) return true;
+    }
+#endif
+    for (; i < text.size(); ++i) {
+        const auto c = static_cast<unsigned char>(p[i]);
+        if (c >= 0x80 || (backslash && c == '\\')) return true;
+    }
     return false;
 }
+
+bool has_high_bytes(std::string_view text) { return has_byte_above_7f_or(text, false); }
 
 // Client encodings whose multibyte characters may contain the bytes of ASCII quotes and
 // backslashes (PostgreSQL accepts them from clients only): libpg_query reads text as UTF-8.
@@ -251,17 +273,20 @@ std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_
     // server. So is text with either while something sent since the latest ReadyForQuery
     // may have changed those settings (must_wait_for_server held it back until then when a
     // ReadyForQuery was on its way).
-    const bool may_change = last_exec_seq_ > last_ready_seq_;
-    const bool backslash = (may_change || backslashes_differ_) && sql.find('\\') != std::string_view::npos;
-    if (backslash || ((may_change || high_bytes_differ_) && has_high_bytes(sql))) return unknown_classification();
+    if (last_exec_seq_ > last_ready_seq_) {
+        if (has_byte_above_7f_or(sql, true)) return unknown_classification();
+    } else if ((backslashes_differ_ && sql.find('\\') != std::string_view::npos) ||
+               (high_bytes_differ_ && has_high_bytes(sql))) {
+        return unknown_classification();
+    }
     return runtime_.classifier().classify(sql);
 }
 
-bool Interceptor::name_converted(std::string_view name, std::uint64_t before) const {
+bool Interceptor::long_name_converted(std::string_view name, std::uint64_t before) const {
     // The server converts a name to its encoding before cutting it at 63 bytes: a long
     // non-ASCII name may be cut elsewhere than in the client's bytes. Something sent since
     // the latest ReadyForQuery may have changed the client encoding.
-    if (name.size() < 16 || !has_high_bytes(name)) return false;
+    if (!has_high_bytes(name)) return false;
     return names_converted_ || reading_before(before) != Reading::kSettled;
 }
 
@@ -350,8 +375,7 @@ bool Interceptor::use_unsettled(const policy::StatementInfo& s) const {
 bool Interceptor::reading_awaited(std::string_view sql) const {
     // Text read once the server has said whether something sent before it changed
     // standard_conforming_strings or the client encoding (classify()).
-    return last_exec_seq_ > last_ready_seq_ &&
-           (sql.find('\\') != std::string_view::npos || has_high_bytes(sql)) &&
+    return last_exec_seq_ > last_ready_seq_ && has_byte_above_7f_or(sql, true) &&
            reading_before(next_seq_ + 1) == Reading::kAwaitable;
 }
 

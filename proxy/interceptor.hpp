@@ -310,7 +310,10 @@ private:
     std::string client_encoding_ = "UTF8";
     std::string server_encoding_ = "UTF8";
     std::shared_ptr<const policy::Classification> classify(std::string_view sql) const;
-    bool name_converted(std::string_view name, std::uint64_t before) const;
+    bool name_converted(std::string_view name, std::uint64_t before) const {
+        return name.size() >= 16 && long_name_converted(name, before);
+    }
+    bool long_name_converted(std::string_view name, std::uint64_t before) const;
     // Whether something the client sent may have changed those settings without pgwarden
     // knowing yet: any Query, Bind (planning the unnamed statement may run a function),
     // Execute or FunctionCall (SET, set_config, a function or trigger) sent after the

@@ -14,20 +14,20 @@ class RingQueue {
 public:
     bool empty() const { return size_ == 0; }
     std::size_t size() const { return size_; }
-    std::size_t capacity() const { return slots_.size(); }
+    std::size_t capacity() const { return capacity_; }
 
     T& front() { return slots_[head_]; }
     const T& front() const { return slots_[head_]; }
     // The i-th entry from the front (i < size()).
-    const T& operator[](std::size_t i) const { return slots_[(head_ + i) & (slots_.size() - 1)]; }
-    T& at(std::size_t i) { return slots_[(head_ + i) & (slots_.size() - 1)]; }
-    const T& back() const { return slots_[(head_ + size_ - 1) & (slots_.size() - 1)]; }
+    const T& operator[](std::size_t i) const { return slots_[(head_ + i) & mask_]; }
+    T& at(std::size_t i) { return slots_[(head_ + i) & mask_]; }
+    const T& back() const { return slots_[(head_ + size_ - 1) & mask_]; }
 
     // A slot at the back, in T's reset state. References to entries stay valid until the
     // queue grows (an emplace_back while it is full).
     T& emplace_back() {
-        if (size_ == slots_.size()) grow();
-        T& slot = slots_[(head_ + size_) & (slots_.size() - 1)];
+        if (size_ == capacity_) grow();
+        T& slot = slots_[(head_ + size_) & mask_];
         ++size_;
         return slot;
     }
@@ -35,12 +35,15 @@ public:
 
     void pop_front() {
         slots_[head_].reset();
-        head_ = (head_ + 1) & (slots_.size() - 1);
+        head_ = (head_ + 1) & mask_;
         --size_;
         // A pipeline of thousands of statements does not keep its array for the session.
         if (size_ == 0) {
             head_ = 0;
-            if (slots_.size() > kKeptCapacity) slots_ = std::vector<T>();
+            if (capacity_ > kKeptCapacity) {
+                slots_ = std::vector<T>();
+                capacity_ = mask_ = 0;
+            }
         }
     }
 
@@ -51,13 +54,17 @@ public:
 private:
     void grow() {
         // Powers of two, so that positions wrap with a mask.
-        std::vector<T> bigger(slots_.empty() ? 4 : slots_.size() * 2);
-        for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
+        std::vector<T> bigger(capacity_ == 0 ? 4 : capacity_ * 2);
+        for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) & mask_]);
         slots_ = std::move(bigger);
+        capacity_ = slots_.size();
+        mask_ = capacity_ - 1;
         head_ = 0;
     }
 
     std::vector<T> slots_;
+    std::size_t capacity_ = 0;  // slots_.size(), a power of two (or 0)
+    std::size_t mask_ = 0;      // capacity_ - 1, to wrap positions
     std::size_t head_ = 0;
     std::size_t size_ = 0;
 };
