@@ -12,7 +12,9 @@
 //   epoll:    epoll_wait, then recv and send per message (PgBouncer's and pgwarden's way);
 //   io_uring: a receive is always posted on every socket; each completion posts the send
 //             to the other side and the next receive; one io_uring_submit_and_wait per
-//             loop turn submits everything and waits for the next completion.
+//             loop turn submits everything and waits for the next completion. The ring
+//             defers task work to that call (IORING_SETUP_DEFER_TASKRUN, kernel 6.1);
+//             RELAY_URING_PLAIN=1 sets it up without.
 // It prints the relay's CPU (user + system, from getrusage) per round trip and its system
 // calls per round trip (counted by the relay itself).
 #define _GNU_SOURCE
