@@ -814,6 +814,7 @@ awaitable<ClientSession::End> ClientSession::relay_client_to_server() {
             }
             if (status == wire::FrameStatus::kPartial) {
                 if (header.type != wire::fe::kCopyData) break;  // wait for the whole message
+                interceptor.on_copy_data();
                 append_bytes(out, rest.data(), rest.size());
                 streaming = header.total_size() - rest.size();
                 consumed = data.size();

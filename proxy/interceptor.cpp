@@ -279,7 +279,14 @@ std::shared_ptr<const policy::Classification> Interceptor::classify(std::string_
                (high_bytes_differ_ && has_high_bytes(sql))) {
         return unknown_classification();
     }
-    return runtime_.classifier().classify(sql);
+    auto classification = runtime_.classifier().classify(sql);
+    // SQL names (PREPARE, EXECUTE, DEALLOCATE, FETCH) are cut at 63 bytes too, after the
+    // server has converted them: see name_converted().
+    if (names_converted_)
+        for (const auto& st : classification->statements)
+            for (const std::string* name : {&st.prepare_name, &st.execute_name, &st.deallocate_name, &st.fetch_portal})
+                if (name->size() >= 16 && has_high_bytes(*name)) return unknown_classification();
+    return classification;
 }
 
 bool Interceptor::long_name_converted(std::string_view name, std::uint64_t before) const {
@@ -465,13 +472,21 @@ Interceptor::ClientStep Interceptor::on_client_message(char type, std::string_vi
             pushed();
             return {};
         case wire::fe::kSync:
+            // Sent after copy data: the server ignores it if the copy is still running and
+            // answers it if that data already failed the copy. pgwarden cannot know which,
+            // so the server never sees it (no client of libpq's kind sends one there).
+            if (copy_data_sent_) return {ClientStep::Action::kDrop, {}, {}};
             if (copy_in_) return {};  // the server ignores it
             probe_until_sync_ = false;
             last_sync_ = emplace(Pending::Kind::kSync).seq;
             pushed();
             return {};
+        case wire::fe::kCopyData:
+            on_copy_data();
+            return {};
         case wire::fe::kCopyDone:
         case wire::fe::kCopyFail:
+            copy_data_sent_ = false;
             if (copy_in_) {
                 copy_in_ = false;  // ends the copy the server is in
             } else if (!queue_.empty()) {
@@ -1487,6 +1502,7 @@ void Interceptor::on_error_response(std::string_view message, ResponseStep& step
     // A COPY FROM STDIN that fails ends there: the server answers the client's next Sync
     // (extended protocol) and ignores the copy data and CopyDone still to come.
     copy_in_ = false;
+    copy_data_sent_ = false;
     if (queue_.empty()) return;
     auto fields = wire::parse_error_fields(body_of(message));
     std::string_view sqlstate = fields ? fields->sqlstate() : std::string_view{};

@@ -87,6 +87,11 @@ public:
 
     // A parameter the server reported (ParameterStatus), also those of the startup.
     void on_parameter(std::string_view name, std::string_view value);
+    // A CopyData message from the client (also one relayed in pieces as it arrives): it
+    // belongs to a copy when one is running or may yet start.
+    void on_copy_data() {
+        if (copy_in_ || !queue_.empty()) copy_data_sent_ = true;
+    }
 
     policy::TxState tx_state() const { return tracker_.state(); }
     const policy::TransactionTracker& transaction() const { return tracker_; }
@@ -279,6 +284,8 @@ private:
     std::uint64_t next_seq_ = 0;
     // COPY FROM STDIN: the server is reading copy data (client Syncs go unanswered).
     bool copy_in_ = false;
+    // The client sent copy data, and no CopyDone or CopyFail since (see the Sync case).
+    bool copy_data_sent_ = false;
     // The client's CopyDone and CopyFail messages sent while no copy was known to have
     // started, in order: for each, the seq of the last entry before it, and how many came
     // there. The server ends each COPY FROM STDIN at the first of them after the message

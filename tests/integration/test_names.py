@@ -761,3 +761,64 @@ def test_text_after_an_extended_copy_in_one_write(warden, pg_server, backslash):
             assert answers[4:] == ["E:42501", "Z:I"]
         else:
             assert answers[4:] == ["T", "D*1", "C", "Z:T"] or answers[4:5] == ["T"]
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_sync_between_copy_data_and_copy_done(warden, pg_server, extended):
+    # The server ignores such a Sync while the copy runs, and answers it once bad data has
+    # ended the copy: pgwarden cannot know which, and does not forward it (the client then
+    # gets no ReadyForQuery for it). A statement pipelined after it keeps its own answer.
+    with util.raw_session(warden) as raw:
+        if extended:
+            with raw.one_write():
+                raw.parse("", "copy icpt_items from stdin")
+                raw.bind("", "")
+                raw.execute("")
+                raw.sync()
+            assert read_through(raw, "G") == ["1", "2", "G"]
+        else:
+            raw.query("copy icpt_items from stdin")
+            assert read_through(raw, "G") == ["G"]
+        with raw.one_write():
+            raw.send(b"d", b"notanint\n")
+            raw.sync()
+            raw.send(b"c")
+            if extended:
+                raw.sync()
+            raw.query("set standard_conforming_strings = off")
+            raw.query(AUDIT)
+        answers = ready(raw, 4 if harness.direct_mode() else 3)
+        if harness.direct_mode():
+            assert answers[:3] == ["E:22P02", "Z:I", "Z:I"]
+        else:
+            assert answers[:2] == ["E:22P02", "Z:I"] and answers[2] != "Z:I"
+        assert answers[-2:] == ["E:42501", "Z:I"]
+        # The setting change was seen before the next text.
+        raw.query(SCS_QUERY)
+        assert last_answers(raw, 1) == ["E:42501", "Z:I"]
+    assert util.committed(pg_server, "audit.log") == []
+
+
+def test_sql_names_cut_after_conversion(warden, pg_server):
+    # In LATIN1 these two names are 41 bytes each; converted to UTF-8 the server cuts both
+    # to the same 63 bytes. SQL names like these are judged unknown (here, rejected).
+    x = ("\xe9" * 40 + "x").encode("latin1")
+    y = ("\xe9" * 40 + "y").encode("latin1")
+
+    def q(raw, sql: bytes) -> list[str]:
+        raw.send(b"Q", sql + b"\0")
+        return [m for m in ready(raw) if not m.startswith("N:")]
+
+    with util.raw_session(warden, client_encoding="LATIN1") as raw:
+        q(raw, b"prepare " + y + b" as select 1")
+        q(raw, b"deallocate " + x)
+        q(raw, b"prepare " + x + b" as " + AUDIT.encode())
+        assert q(raw, b"execute " + y)[-2:] == ["E:42501", "Z:I"]
+        assert q(raw, b"begin") == ["C", "Z:T"]
+        raw.parse("", AUDIT + " returning id")
+        raw.send(b"B", b"a" + b"\xe9" * 40 + b"x\0\0" + b"\0\0\0\0\0\0")
+        raw.sync()
+        assert ready(raw) == ["1", "2", "Z:T"]
+        assert q(raw, b'fetch all from "a' + b"\xe9" * 40 + b'y"')[-2:] == ["E:42501", "Z:E"]
+        q(raw, b"commit")
+    assert util.committed(pg_server, "audit.log") == []
