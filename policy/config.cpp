@@ -787,6 +787,7 @@ private:
         proxy_listen_line_ = s.line_of_key("listen");
         s.read_endpoint("upstream", proxy.upstream);
         s.read_integer("threads", proxy.threads, 0, 1024);
+        s.read_bool("io_uring", proxy.io_uring);
         s.read_integer("max_client_connections", proxy.max_client_connections, 1, 1'000'000);
         s.read_integer("max_unauthenticated", proxy.max_unauthenticated, 1, 1'000'000);
         s.read_duration("auth_timeout", proxy.auth_timeout, true);

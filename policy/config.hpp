@@ -28,6 +28,7 @@ struct ProxyConfig {
     Endpoint listen{"127.0.0.1", 6432};
     Endpoint upstream{"127.0.0.1", 5432};
     unsigned threads = 0;  // 0 = one per core
+    bool io_uring = true;  // relay through io_uring where the kernel allows it (else epoll)
     unsigned max_client_connections = 10000;
     unsigned max_unauthenticated = 1000;  // connections still in startup/auth at once
     Duration auth_timeout{std::chrono::seconds(60)};

@@ -58,7 +58,8 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
     asio::io_context main_context{1};
     std::unique_ptr<Listener> listener;
     try {
-        listener = std::make_unique<Listener>(main_context, *runtime, config.proxy.listen, config.proxy.threads);
+        listener = std::make_unique<Listener>(main_context, *runtime, config.proxy.listen, config.proxy.threads,
+                                              config.proxy.io_uring);
     } catch (const std::exception& e) {
         log::error("listen_failed", {{"listen", config.proxy.listen.to_string()}, {"error", e.what()}});
         return 1;
@@ -155,6 +156,7 @@ int run(policy::Config config, const std::string& config_file, const CommandLine
     log::info("listening", {{"listen", config.proxy.listen.to_string()},
                             {"upstream", config.proxy.upstream.to_string()},
                             {"threads", std::to_string(listener->thread_count())},
+                            {"io", listener->io_mode()},
                             {"version", PGWARDEN_VERSION}});
 
     asio::signal_set signals(main_context, SIGHUP, SIGTERM, SIGINT);

@@ -171,8 +171,7 @@ void ClientSession::end_if_quiet_for_shutdown() {
     if (!shutting_down_ || !interceptor_ || interceptor_->in_flight() > 0 ||
         interceptor_->tx_state() != policy::TxState::kIdle)
         return;
-    error_code ignored;
-    client_.socket().cancel(ignored);
+    client_.cancel();
 }
 
 std::string ClientSession::doom(const std::string& reason) {
@@ -707,6 +706,8 @@ awaitable<ClientSession::End> ClientSession::relay() {
     // and the session goes on only when both have returned.
     auto executor = co_await asio::this_coro::executor;
     auto self = shared_from_this();
+    client_.use_ring(Ring::current());
+    server_->stream().use_ring(Ring::current());
     struct Join {
         explicit Join(const asio::any_io_executor& ex) : done(ex) { done.expires_at(asio::steady_timer::time_point::max()); }
         asio::steady_timer done;
@@ -726,8 +727,8 @@ awaitable<ClientSession::End> ClientSession::relay() {
             error_code ignored;
             client_.socket().shutdown(tcp::socket::shutdown_receive, ignored);
             server_->stream().socket().shutdown(tcp::socket::shutdown_receive, ignored);
-            client_.socket().cancel(ignored);
-            server_->stream().socket().cancel(ignored);
+            client_.cancel();
+            server_->stream().cancel();
             if (server_answered_) server_answered_->cancel();
         }
         if (--join->running == 0) join->done.cancel();

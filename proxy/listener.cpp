@@ -1,6 +1,8 @@
 // Accepting connections and spreading them over the worker threads.
 #include "proxy/listener.hpp"
 
+#include "proxy/ring.hpp"
+
 #include <unistd.h>
 
 #include <utility>
@@ -27,8 +29,9 @@ struct OwnedDescriptor {
 }  // namespace
 
 Listener::Listener(asio::io_context& accept_context, Runtime& runtime, const policy::Endpoint& endpoint,
-                   unsigned threads)
-    : accept_context_(accept_context), runtime_(runtime), acceptor_(accept_context), protocol_(tcp::v4()) {
+                   unsigned threads, bool io_uring)
+    : accept_context_(accept_context), runtime_(runtime), acceptor_(accept_context), protocol_(tcp::v4()),
+      io_uring_(io_uring) {
     auto address = asio::ip::make_address(endpoint.host);
     tcp::endpoint ep(address, endpoint.port);
     protocol_ = ep.protocol();
@@ -43,11 +46,31 @@ Listener::Listener(asio::io_context& accept_context, Runtime& runtime, const pol
 Listener::~Listener() { stop_workers(); }
 
 void Listener::start() {
+    // Each worker opens its ring on its own thread (the ring accepts submissions from that
+    // thread only); start() waits until all have tried, so that io_mode() is known.
+    std::atomic<unsigned> tried{0};
     for (auto& worker : workers_) {
         worker->guard = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(
             worker->context.get_executor());
-        worker->thread = std::thread([w = worker.get()] { w->context.run(); });
+        worker->thread = std::thread([this, w = worker.get(), &tried] {
+            std::unique_ptr<Ring> ring;
+            if (io_uring_) {
+                std::string why;
+                ring = Ring::open(w->context, why);
+                if (ring)
+                    rings_started_.fetch_add(1);
+                else if (tried.load() == 0)
+                    log::warn("io_uring_unavailable", {{"error", why}, {"using", "epoll"}});
+            }
+            tried.fetch_add(1);
+            tried.notify_all();
+            if (ring)
+                ring->run();
+            else
+                w->context.run();
+        });
     }
+    for (unsigned seen = tried.load(); seen < workers_.size(); seen = tried.load()) tried.wait(seen);
     asio::co_spawn(accept_context_, accept_loop(), asio::detached);
 }
 

@@ -2,6 +2,7 @@
 // given for their whole life (nothing on the hot path is shared between threads), and an
 // acceptor that hands new connections to the workers in turn.
 #pragma once
+#include <atomic>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -14,7 +15,9 @@ namespace pgwarden::proxy {
 class Listener {
 public:
     // Binds `endpoint` on `accept_context`; throws std::system_error when it cannot.
-    Listener(asio::io_context& accept_context, Runtime& runtime, const policy::Endpoint& endpoint, unsigned threads);
+    // Workers run an io_uring loop (Ring) when `io_uring` and the kernel allow it.
+    Listener(asio::io_context& accept_context, Runtime& runtime, const policy::Endpoint& endpoint, unsigned threads,
+             bool io_uring);
     ~Listener();
 
     void start();           // starts worker threads and accepting
@@ -22,6 +25,8 @@ public:
     void stop_workers();    // stops every worker and joins the threads
     tcp::endpoint local_endpoint() const;
     unsigned thread_count() const { return unsigned(workers_.size()); }
+    // "io_uring" or "epoll", once start() has returned.
+    const char* io_mode() const { return rings_started_ > 0 ? "io_uring" : "epoll"; }
 
 private:
     awaitable<void> accept_loop();
@@ -41,6 +46,8 @@ private:
     tcp protocol_;
     std::vector<std::unique_ptr<Worker>> workers_;
     std::size_t next_worker_ = 0;
+    bool io_uring_;
+    std::atomic<unsigned> rings_started_{0};
 };
 
 }  // namespace pgwarden::proxy

@@ -128,6 +128,21 @@ bool Stream::mark_drained(tcp::socket& socket, bool& end_watched) {
     return true;
 }
 
+// Takes the socket out of the reactor's epoll set, for a stream whose I/O moves to the
+// ring. Asio keeps its record of the descriptor; its own deregistration at close then
+// fails with ENOENT, which it ignores.
+static bool leave_reactor(tcp::socket& socket) {
+    DescriptorState* state = SocketAccess::descriptor(socket);
+    if (state == nullptr) return false;
+    Mutex::scoped_lock lock(state->*member(DescriptorMutex{}));
+    Reactor* reactor = state->*member(DescriptorReactor{});
+    epoll_event unused{};
+    if (::epoll_ctl(reactor->*member(EpollFd{}), EPOLL_CTL_DEL, state->*member(DescriptorNumber{}), &unused) != 0)
+        return false;
+    state->*member(RegisteredEvents{}) = 0;
+    return true;
+}
+
 bool Stream::may_read_speculatively(tcp::socket& socket) {
     DescriptorState* state = SocketAccess::descriptor(socket);
     if (state == nullptr) return true;
@@ -135,9 +150,33 @@ bool Stream::may_read_speculatively(tcp::socket& socket) {
     return (state->*member(SpeculativeFlags{}))[Reactor::read_op];
 }
 #else
+static bool leave_reactor(tcp::socket&) { return false; }
 bool Stream::mark_drained(tcp::socket&, bool&) { return false; }
 bool Stream::may_read_speculatively(tcp::socket&) { return true; }
 #endif
+
+void Stream::use_ring(Ring* ring) {
+    if (ring == nullptr || tls_ || ring_ || !socket_.is_open()) return;
+    // Asio has nothing in flight on the socket here: the relay has not started.
+    if (leave_reactor(socket_)) ring_ = ring;
+}
+
+awaitable<void> Stream::write_on_ring(std::size_t skip, error_code& ec) {
+    std::size_t first = 0;
+    for (;;) {
+        while (first < ring_iov_.size() && skip >= ring_iov_[first].iov_len) skip -= ring_iov_[first++].iov_len;
+        if (first == ring_iov_.size()) co_return;
+        ring_iov_[first].iov_base = static_cast<char*>(ring_iov_[first].iov_base) + skip;
+        ring_iov_[first].iov_len -= skip;
+        msghdr message{};
+        message.msg_iov = ring_iov_.data() + first;
+        message.msg_iovlen = ring_iov_.size() - first;
+        std::size_t sent = co_await ring_->async_sendmsg(socket_.native_handle(), &message,
+                                                         asio::redirect_error(asio::use_awaitable, ec));
+        if (ec) co_return;
+        skip = sent;
+    }
+}
 
 awaitable<std::size_t> Stream::read_some(asio::mutable_buffer buffer, error_code& ec) {
     std::size_t n = 0;
@@ -148,6 +187,14 @@ awaitable<std::size_t> Stream::read_some(asio::mutable_buffer buffer, error_code
 awaitable<std::size_t> Stream::read_exact(asio::mutable_buffer buffer, error_code& ec) {
     auto token = asio::redirect_error(asio::use_awaitable, ec);
     if (tls_) co_return co_await asio::async_read(*tls_, buffer, token);
+    if (ring_) {
+        std::size_t done = 0;
+        while (done < buffer.size()) {
+            done += co_await wait_read(buffer + done, ec);
+            if (ec) break;
+        }
+        co_return done;
+    }
     co_return co_await asio::async_read(socket_, buffer, token);
 }
 
@@ -174,6 +221,12 @@ awaitable<void> Stream::connect_tls(asio::ssl::context& context, const std::stri
     co_await tls->async_handshake(asio::ssl::stream_base::client,
                                   asio::redirect_error(asio::use_awaitable, ec));
     if (!ec) tls_ = std::move(tls);
+}
+
+void Stream::cancel() {
+    error_code ignored;
+    socket_.cancel(ignored);
+    if (ring_ && ring_read_) ring_->cancel(ring_read_);
 }
 
 void Stream::close() {

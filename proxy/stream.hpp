@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "proxy/asio.hpp"
+#include "proxy/ring.hpp"
 
 namespace pgwarden::proxy {
 
@@ -17,6 +18,11 @@ public:
 
     tcp::socket& socket() { return socket_; }
     bool is_tls() const { return tls_ != nullptr; }
+    // From now on, reads and writes of this plain stream go through `ring` (the calling
+    // worker's io_uring) instead of Asio's reactor, which stops watching the socket. Does
+    // nothing for a TLS stream or a null ring. The relay calls it when it starts.
+    void use_ring(Ring* ring);
+    bool on_ring() const { return ring_ != nullptr; }
     bool is_open() const { return socket_.is_open(); }
 
     // Reads at least one byte; 0 bytes and `ec` set on error or end of stream.
@@ -28,7 +34,8 @@ public:
     // of ours around it.
     bool try_read(asio::mutable_buffer buffer, std::size_t& n, error_code& ec) {
         n = 0;
-        if (tls_ || !make_non_blocking()) return false;
+        // On the ring, a read that does not wait would be a system call of its own.
+        if (tls_ || ring_ || !make_non_blocking()) return false;
         // A session whose peer keeps sending would never give its thread to the other
         // sessions on it: every so many reads that did not wait, it goes through the
         // event loop once.
@@ -55,6 +62,9 @@ public:
     // when that is safe (see stream.cpp).
     awaitable<std::size_t> wait_read(asio::mutable_buffer buffer, error_code& ec) {
         reads_without_wait_ = 0;
+        if (ring_)
+            return ring_->async_recv(socket_.native_handle(), buffer, &ring_read_,
+                                     asio::redirect_error(asio::use_awaitable, ec));
         if (tls_) return tls_->async_read_some(buffer, asio::redirect_error(asio::use_awaitable, ec));
         wait_completes_inline_ = !may_read_speculatively(socket_) && writing_ == 0;
         writes_at_wait_ = writes_started_;
@@ -62,9 +72,9 @@ public:
     }
     // Whether wait_read would first try to read (Asio's speculative read): then a
     // try_read costs nothing more, and when it finds nothing the wait needs no such read.
-    bool reads_before_waiting() { return !tls_ && may_read_speculatively(socket_); }
+    bool reads_before_waiting() { return !tls_ && !ring_ && may_read_speculatively(socket_); }
     void note_read(std::size_t n, std::size_t room) {
-        if (n > 0 && n < room && wait_completes_inline_ && writes_started_ == writes_at_wait_) mark_drained();
+        if (!ring_ && n > 0 && n < room && wait_completes_inline_ && writes_started_ == writes_at_wait_) mark_drained();
     }
     // Reads exactly buffer.size() bytes.
     awaitable<std::size_t> read_exact(asio::mutable_buffer buffer, error_code& ec);
@@ -83,7 +93,7 @@ public:
     template <class ConstBufferSequence>
     bool try_write(const ConstBufferSequence& buffers, std::size_t& sent, error_code& ec) {
         sent = 0;
-        if (tls_ || !make_non_blocking()) return false;
+        if (tls_ || ring_ || !make_non_blocking()) return false;
         sent = socket_.write_some(buffers, ec);
         if (ec == asio::error::would_block || ec == asio::error::try_again) {
             ec = {};
@@ -97,6 +107,15 @@ public:
         auto token = asio::redirect_error(asio::use_awaitable, ec);
         if (tls_) {
             co_await asio::async_write(*tls_, buffers, token);
+            co_return;
+        }
+        if (ring_) {
+            ring_iov_.clear();
+            for (auto it = asio::buffer_sequence_begin(buffers); it != asio::buffer_sequence_end(buffers); ++it) {
+                asio::const_buffer piece(*it);
+                if (piece.size() > 0) ring_iov_.push_back({const_cast<void*>(piece.data()), piece.size()});
+            }
+            co_await write_on_ring(sent, ec);
             co_return;
         }
         ++writes_started_;
@@ -116,11 +135,17 @@ public:
         --writing_;
     }
 
+    // Sends ring_iov_ minus its first `skip` bytes through the ring, to the end or an error.
+    awaitable<void> write_on_ring(std::size_t skip, error_code& ec);
+
     // TLS handshakes; on failure `ec` is set and the stream stays plain.
     awaitable<void> accept_tls(asio::ssl::context& context, error_code& ec);
     awaitable<void> connect_tls(asio::ssl::context& context, const std::string& verify_name,
                                 bool verify, error_code& ec);
 
+    // Ends the read or wait in flight, if any, with asio::error::operation_aborted (unless
+    // it finished first), as tcp::socket::cancel() does for Asio's operations.
+    void cancel();
     // Close both directions at once; safe to call twice.
     void close();
 
@@ -168,6 +193,9 @@ private:
     unsigned writes_started_ = 0;
     unsigned writes_at_wait_ = 0;
     std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
+    Ring* ring_ = nullptr;
+    std::vector<iovec> ring_iov_;  // the write in flight on the ring
+    Ring::Op* ring_read_ = nullptr;  // the read in flight on the ring
 };
 
 }  // namespace pgwarden::proxy

@@ -11,7 +11,8 @@ Sections (--only, comma-separated; default all):
     throughput  -c 16 -j 2: `-S -M simple`, `-S -M prepared`, the TPC-B-like mix
                 (-M extended), a pipeline of 5 SELECTs per transaction (\\startpipeline,
                 -M extended), and a SELECT of 500 rows (about 50 KB) per transaction
-                (-M prepared), against direct / pgbouncer / pgwarden / pgwarden+pol
+                (-M prepared), against direct / pgbouncer / pgwarden / pgwarden-epoll
+                ([proxy] io_uring = false; --no-epoll-target leaves it out) / pgwarden+pol
     latency     -c 1 -j 1 -S (simple, prepared) with per-transaction logs: p50 and p99, and
                 what each proxy adds over direct
     threads     pgwarden with [proxy] threads = 1 and 2 on `-S -M simple -c 16`
@@ -267,10 +268,11 @@ def metric_lines(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return samples
 
 
-def pgwarden_config(threads: int, policies: bool) -> str:
+def pgwarden_config(threads: int, policies: bool, io_uring: bool = True) -> str:
     text = f"""# written by tests/bench/proxy_bench.py
 [proxy]
 threads = {threads}
+io_uring = {"true" if io_uring else "false"}
 max_client_connections = 5000
 max_unauthenticated = 2000
 shutdown_timeout = "1s"
@@ -491,8 +493,9 @@ class Bench:
                 path.write_text(script_text(kind, tagged))
                 self.scripts[kind, tagged] = path
 
-    def pgwarden(self, name: str, threads: int, policies: bool, admin_port: int | None = None) -> Proxy:
-        config = pgwarden_config(threads, policies)
+    def pgwarden(self, name: str, threads: int, policies: bool, admin_port: int | None = None,
+                 io_uring: bool = True) -> Proxy:
+        config = pgwarden_config(threads, policies, io_uring)
         if admin_port is not None:
             config = config.replace("[admin]\nenabled = false", f'[admin]\nenabled = true\nlisten = "{HOST}:{admin_port}"')
         path = self.workdir / f"{name}.toml"
@@ -695,6 +698,11 @@ class Bench:
         targets.append(Target("pgbouncer", bouncer.port, bouncer))
         plain = self.pgwarden("pgwarden", self.args.pgwarden_threads, False)
         targets.append(Target("pgwarden", plain.port, plain))
+        if self.args.epoll_target:
+            # The same with [proxy] io_uring = false: what a kernel or container without
+            # io_uring gets, and what pgwarden's relay cost before it.
+            epoll = self.pgwarden("pgwarden-epoll", self.args.pgwarden_threads, False, io_uring=False)
+            targets.append(Target("pgwarden-epoll", epoll.port, epoll))
         policed = self.pgwarden("pgwarden+pol", self.args.pgwarden_threads, True)
         targets.append(Target("pgwarden+pol", policed.port, policed, tagged=True))
         return targets
@@ -806,7 +814,7 @@ class Summary:
             if row.target not in targets:
                 targets.append(row.target)
             groups.setdefault((row.workload, row.target), []).append(row)
-        order = ["direct", "pgbouncer", "pgwarden", "pgwarden+pol"]
+        order = ["direct", "pgbouncer", "pgwarden", "pgwarden-epoll", "pgwarden+pol"]
         targets.sort(key=lambda t: (order.index(t) if t in order else len(order), t))
         return workloads, targets, groups
 
@@ -965,6 +973,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mem-conns", default="100,1000", help="idle session counts of the memory section")
     p.add_argument("--pgwarden", default=str(harness.pgwarden_binary()), help="binary (default $PGWARDEN_BIN)")
     p.add_argument("--pgbouncer", default="/usr/sbin/pgbouncer")
+    p.add_argument("--no-epoll-target", dest="epoll_target", action="store_false",
+                   help="leave out pgwarden-epoll (pgwarden with [proxy] io_uring = false)")
     p.add_argument("--pgbouncer-pool", choices=("fresh", "kept"), default="fresh",
                    help="fresh (default): end the server connections PgBouncer kept before every run, so "
                         "that every target starts with new backends; kept: leave them, so that PgBouncer's "

@@ -7,6 +7,7 @@ import fcntl
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -372,6 +373,24 @@ def pgwarden_binary() -> Path:
     return Path(os.environ.get("PGWARDEN_BIN", REPO / "build" / "proxy" / "pgwarden"))
 
 
+def io_mode() -> str:
+    """How the pgwarden under test relays: "io_uring" (its default) or "epoll", chosen by
+    PGWARDEN_TEST_IO so that CTest can run some areas a second time on the epoll path."""
+    return os.environ.get("PGWARDEN_TEST_IO", "io_uring")
+
+
+def with_io_mode(config_text: str) -> str:
+    """The config with `[proxy] io_uring = false` added when the tests run on epoll."""
+    if io_mode() != "epoll":
+        return config_text
+    lines = config_text.splitlines()
+    for i, line in enumerate(lines):
+        if re.fullmatch(r"\s*\[proxy\]\s*(#.*)?", line):
+            lines.insert(i + 1, "io_uring = false")
+            return "\n".join(lines) + "\n"
+    return "[proxy]\nio_uring = false\n" + config_text
+
+
 class Pgwarden(Target):
     """One pgwarden process: a config file from text, free ports, its output in a log file."""
 
@@ -380,7 +399,7 @@ class Pgwarden(Target):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "pgwarden.toml"
-        self.config_path.write_text(config_text)
+        self.config_path.write_text(with_io_mode(config_text))
         self.log_path = workdir / "pgwarden.log"
         self.upstream = upstream or f"{HOST}:{upstream_port}"
         self.extra_args = extra_args

@@ -9,6 +9,7 @@ import psycopg.errors
 import pytest
 
 import harness
+import nesting_util
 import pgwire
 
 
@@ -393,3 +394,40 @@ def test_client_name_follows_set_rollback_and_set_local(pgwarden_factory, protoc
     assert expected == {"namer": 2, "a": 3, "b": 1, "c": 1}
     for client, count in expected.items():
         assert metric(proxy, "pgwarden_statements_total", kind="select", client=client) == count, client
+
+
+def epoll_watched_descriptors(pid: int) -> int:
+    """Descriptors registered in all of a process's epoll sets, from /proc/<pid>/fdinfo."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                total += sum(1 for line in info if line.startswith("tfd:"))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def test_relay_runs_on_the_configured_io_path(pgwarden_factory):
+    # By default the relay's sockets leave Asio's epoll set for the worker's io_uring; with
+    # io_uring = false (PGWARDEN_TEST_IO=epoll) they stay in it. Either way the sessions work.
+    proxy = pgwarden_factory("[proxy]\nthreads = 1\n")
+    listening = nesting_util.log_events(proxy, "listening")
+    assert listening and listening[-1]["io"] == harness.io_mode(), listening
+    before = epoll_watched_descriptors(proxy.pid)
+    sessions = [proxy.connect(application_name=f"pgw_io_{i}") for i in range(8)]
+    try:
+        for i, conn in enumerate(sessions):
+            assert conn.execute("select %s::int + 1", (i,)).fetchone() == (i + 1,)
+        grown = epoll_watched_descriptors(proxy.pid) - before
+        if harness.io_mode() == "io_uring":
+            assert grown == 0, f"{grown} relay sockets still in an epoll set"
+            fds = [os.readlink(f"/proc/{proxy.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proxy.pid}/fd")]
+            assert "anon_inode:[io_uring]" in fds, fds
+        else:
+            assert grown >= 2 * len(sessions), f"only {grown} descriptors joined the epoll sets"
+    finally:
+        for conn in sessions:
+            conn.close()

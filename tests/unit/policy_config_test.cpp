@@ -87,6 +87,7 @@ TEST_CASE("an empty config is the transparent-proxy default", "[config]") {
     CHECK(config.proxy.listen.to_string() == "127.0.0.1:6432");
     CHECK(config.proxy.upstream.to_string() == "127.0.0.1:5432");
     CHECK(config.proxy.threads == 0);
+    CHECK(config.proxy.io_uring);
     CHECK(config.proxy.max_client_connections == 10000);
     CHECK(config.proxy.max_unauthenticated == 1000);
     CHECK(config.proxy.auth_timeout == 60s);
@@ -122,6 +123,7 @@ TEST_CASE("every key of every table is read", "[config]") {
 listen = "0.0.0.0:7432"
 upstream = "[::1]:5433"
 threads = 4
+io_uring = false
 max_client_connections = 500
 max_unauthenticated = 50
 auth_timeout = "10s"
@@ -188,6 +190,7 @@ nesting = "flatten"
     CHECK(config.proxy.upstream.host == "::1");
     CHECK(config.proxy.upstream.port == 5433);
     CHECK(config.proxy.threads == 4);
+    CHECK_FALSE(config.proxy.io_uring);
     CHECK(config.proxy.max_client_connections == 500);
     CHECK(config.proxy.max_unauthenticated == 50);
     CHECK(config.proxy.auth_timeout == 10s);
@@ -219,7 +222,7 @@ nesting = "flatten"
     REQUIRE(config.throttles.size() == 1);
     const ThrottleRule& throttle = config.throttles[0];
     CHECK(throttle.name == "tenants");
-    CHECK(throttle.line == 46);
+    CHECK(throttle.line == 47);
     CHECK(throttle.match.user == std::vector<std::string>{"app"});
     CHECK(throttle.match.application_name == std::vector<std::string>{"web*", "api"});
     CHECK(throttle.match.client == std::vector<std::string>{"tenant:*"});
@@ -238,7 +241,7 @@ nesting = "flatten"
     REQUIRE(config.rules.size() == 1);
     const Rule& rule = config.rules[0];
     CHECK(rule.name == "no-audit-ddl");
-    CHECK(rule.line == 58);
+    CHECK(rule.line == 59);
     CHECK(rule.match.user == std::vector<std::string>{"web"});
     CHECK(rule.match.database == std::vector<std::string>{"shop", "crm"});
     CHECK(rule.match.application_name == std::vector<std::string>{"web*"});
@@ -515,6 +518,8 @@ TEST_CASE("unknown keys and tables are errors, with a suggestion for typos", "[c
 TEST_CASE("wrong types name the expected type", "[config]") {
     expect_one_error("[proxy]\nthreads = \"4\"\n", 2,
                      "'threads' in [proxy] must be an integer, not a string");
+    expect_one_error("[proxy]\nio_uring = \"yes\"\n", 2,
+                     "'io_uring' in [proxy] must be true or false, not a string");
     expect_one_error("[proxy]\nlisten = 6432\n", 2,
                      "'listen' in [proxy] must be a string, not an integer");
     expect_one_error("[admin]\nenabled = \"yes\"\n", 2,
