@@ -2,7 +2,9 @@
 #include "proxy/ring.hpp"
 
 #include <poll.h>
+#include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -30,7 +32,7 @@ struct FreeOps {
 thread_local FreeOps free_ops;
 }  // namespace
 
-void* Ring::Op::operator new(std::size_t size) {
+void* Ring::Recycled::operator new(std::size_t size) {
     if (size > kOpBlock) return ::operator new(size);
     if (void* block = free_ops.head) {
         free_ops.head = *static_cast<void**>(block);
@@ -40,7 +42,7 @@ void* Ring::Op::operator new(std::size_t size) {
     return ::operator new(kOpBlock);
 }
 
-void Ring::Op::operator delete(void* block, std::size_t size) {
+void Ring::Recycled::operator delete(void* block, std::size_t size) {
     if (size > kOpBlock || free_ops.count >= kMaxFreeOps) {
         ::operator delete(block);
         return;
@@ -100,6 +102,10 @@ template struct ReactorAccess<&Reactor::epoll_fd_>;
 constexpr std::uint64_t kEpollTag = 1;   // the poll of Asio's epoll descriptor
 constexpr std::uint64_t kCancelTag = 2;  // the cancellation at shutdown
 constexpr unsigned kEntries = 256;       // submission queue; completions get 16 times that
+constexpr unsigned short kBufferGroup = 0;
+// A receiver that would need a provided buffer when fewer than this are left receives
+// into its reader's own room instead.
+constexpr unsigned kBufferReserve = 16;
 
 }  // namespace
 
@@ -124,6 +130,7 @@ std::unique_ptr<Ring> Ring::open(asio::io_context& io, std::string& why) {
         why = "io_uring without IORING_FEAT_NODROP";
         return nullptr;
     }
+    ring->setup_buffers();  // without them, every receive is one of its own
     return ring;
 }
 
@@ -157,7 +164,61 @@ Ring::~Ring() {
         untrack(op);
         op->destroy();
     }
+    // Receivers of streams that outlive the ring (their sessions end with the io_context)
+    // must not touch it again.
+    for (Receiver* r = receivers_; r != nullptr; r = r->next_) {
+        r->ring_ = nullptr;
+        r->chunks_.clear();
+        r->head_ = 0;
+    }
+    receivers_ = nullptr;
+    if (buffer_ring_) io_uring_unregister_buf_ring(&ring_, kBufferGroup);
     io_uring_queue_exit(&ring_);
+    if (buffer_ring_) ::munmap(buffer_ring_, kBufferCount * sizeof(io_uring_buf));
+    if (buffers_) ::munmap(buffers_, std::size_t(kBufferCount) * kBufferSize);
+}
+
+bool Ring::setup_buffers() {
+    const std::size_t ring_bytes = kBufferCount * sizeof(io_uring_buf);
+    void* ring_memory = ::mmap(nullptr, ring_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ring_memory == MAP_FAILED) return false;
+    // Pages of the buffers are only touched by what is received into them.
+    void* memory = ::mmap(nullptr, std::size_t(kBufferCount) * kBufferSize, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) {
+        ::munmap(ring_memory, ring_bytes);
+        return false;
+    }
+    auto* ring = static_cast<io_uring_buf_ring*>(ring_memory);
+    io_uring_buf_ring_init(ring);
+    io_uring_buf_reg reg{};
+    reg.ring_addr = reinterpret_cast<std::uint64_t>(ring);
+    reg.ring_entries = kBufferCount;
+    reg.bgid = kBufferGroup;
+    if (io_uring_register_buf_ring(&ring_, &reg, 0) != 0) {
+        ::munmap(ring_memory, ring_bytes);
+        ::munmap(memory, std::size_t(kBufferCount) * kBufferSize);
+        return false;
+    }
+    buffer_ring_ = ring;
+    buffers_ = static_cast<char*>(memory);
+    for (unsigned id = 0; id < kBufferCount; ++id)
+        io_uring_buf_ring_add(buffer_ring_, buffer(id), kBufferSize, static_cast<unsigned short>(id),
+                              io_uring_buf_ring_mask(kBufferCount), static_cast<int>(id));
+    io_uring_buf_ring_advance(buffer_ring_, kBufferCount);
+    return true;
+}
+
+void Ring::give_back(unsigned id) {
+    io_uring_buf_ring_add(buffer_ring_, buffer(id), kBufferSize, static_cast<unsigned short>(id),
+                          io_uring_buf_ring_mask(kBufferCount), 0);
+    io_uring_buf_ring_advance(buffer_ring_, 1);
+    --buffers_held_;
+}
+
+Ring::Receiver* Ring::make_receiver(int fd) {
+    if (buffer_ring_ == nullptr) return nullptr;
+    return new Receiver(*this, fd);
 }
 
 io_uring_sqe* Ring::next_sqe() {
@@ -188,6 +249,15 @@ void Ring::start_recv(int fd, void* data, std::size_t size, Op* op) {
     track(op);
     io_uring_sqe* sqe = next_sqe();
     io_uring_prep_recv(sqe, fd, data, size, 0);
+    io_uring_sqe_set_data(sqe, op);
+}
+
+void Ring::start_recv_multishot(int fd, Op* op) {
+    track(op);
+    io_uring_sqe* sqe = next_sqe();
+    io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = kBufferGroup;
     io_uring_sqe_set_data(sqe, op);
 }
 
@@ -237,7 +307,8 @@ void Ring::run() {
         while (io_uring_peek_cqe(&ring_, &cqe) == 0) {
             const std::uint64_t data = io_uring_cqe_get_data64(cqe);
             const int result = cqe->res;
-            const bool more = cqe->flags & IORING_CQE_F_MORE;
+            const unsigned cqe_flags = cqe->flags;
+            const bool more = cqe_flags & IORING_CQE_F_MORE;
             io_uring_cqe_seen(&ring_, cqe);
             if (data == kEpollTag) {
                 asio_ready = true;
@@ -247,12 +318,231 @@ void Ring::run() {
             }
             if (data == kCancelTag) continue;
             Op* op = reinterpret_cast<Op*>(data);
-            untrack(op);
-            op->complete(result);
+            if (!more) untrack(op);
+            op->complete(result, cqe_flags);
         }
         if (asio_ready) run_asio();
     }
     current_ = nullptr;
+}
+
+// Ring::Receiver (see ring.hpp). The kernel holds the receiver while armed_ or single_;
+// whatever the kernel or a waiter's completion does, a function here touches nothing of
+// the receiver after it completed the waiter (which may end the session, and so release
+// and delete the receiver) or deleted it.
+Ring::Receiver::Receiver(Ring& ring, int fd) : ring_(&ring), fd_(fd) {
+    next_ = ring.receivers_;
+    if (next_) next_->prev_ = this;
+    ring.receivers_ = this;
+}
+
+void Ring::Receiver::drop() {
+    if (ring_) {
+        if (prev_)
+            prev_->next_ = next_;
+        else
+            ring_->receivers_ = next_;
+        if (next_) next_->prev_ = prev_;
+    }
+    delete this;
+}
+
+std::size_t Ring::Receiver::copy_out(asio::mutable_buffer room) {
+    std::size_t n = 0;
+    char* to = static_cast<char*>(room.data());
+    while (n < room.size() && queued()) {
+        Chunk& chunk = chunks_[head_];
+        const std::size_t k = std::min<std::size_t>(chunk.size, room.size() - n);
+        std::memcpy(to + n, ring_->buffer(chunk.id) + chunk.offset, k);
+        n += k;
+        chunk.offset += static_cast<std::uint32_t>(k);
+        chunk.size -= static_cast<std::uint32_t>(k);
+        if (chunk.size == 0) {
+            ring_->give_back(chunk.id);
+            ++head_;
+        }
+    }
+    if (!queued()) {
+        chunks_.clear();
+        head_ = 0;
+    }
+    return n;
+}
+
+bool Ring::Receiver::take(asio::mutable_buffer room, std::size_t& n, boost::system::error_code& ec) {
+    n = 0;
+    if (queued()) {
+        n = copy_out(room);
+        return true;
+    }
+    if (end_) {
+        ec = end_;
+        return true;
+    }
+    return false;
+}
+
+void Ring::Receiver::wait(Waiter* waiter, asio::mutable_buffer room) {
+    waiter_ = waiter;
+    room_ = room;
+    abort_ = false;
+    if (ring_ == nullptr) return;  // the thread's loop is over; release() destroys the waiter
+    if (queued() || end_) {
+        // Callers take() first, so this does not happen on the relay's path; completing
+        // here, inside the initiation, would resume the coroutine within itself.
+        boost::system::error_code ec = end_;
+        const std::size_t n = queued() ? copy_out(room) : 0;
+        if (n > 0) ec = {};
+        waiter_ = nullptr;
+        struct Pending {
+            Waiter* waiter;
+            boost::system::error_code ec;
+            std::size_t n;
+            Pending(Waiter* w, boost::system::error_code e, std::size_t k) : waiter(w), ec(e), n(k) {}
+            Pending(Pending&& other) noexcept : waiter(std::exchange(other.waiter, nullptr)), ec(other.ec), n(other.n) {}
+            ~Pending() {
+                if (waiter) waiter->destroy();
+            }
+            void operator()() { std::exchange(waiter, nullptr)->complete(ec, n); }
+        };
+        asio::post(ring_->io_, Pending(waiter, ec, n));
+        return;
+    }
+    if (!armed_) arm();  // when armed, the next completion serves the waiter
+}
+
+void Ring::Receiver::arm() {
+    if (ring_->multishot_ && ring_->buffers_free() >= kBufferReserve) {
+        armed_ = true;
+        ring_->start_recv_multishot(fd_, this);
+    } else {
+        single_ = true;
+        ring_->track(this);
+        io_uring_sqe* sqe = ring_->next_sqe();
+        io_uring_prep_recv(sqe, fd_, room_.data(), room_.size(), 0);
+        io_uring_sqe_set_data(sqe, this);
+    }
+}
+
+void Ring::Receiver::finish_wait(boost::system::error_code ec, std::size_t n) {
+    Waiter* waiter = waiter_;
+    waiter_ = nullptr;
+    abort_ = false;
+    waiter->complete(ec, n);
+}
+
+void Ring::Receiver::cancel_wait() {
+    if (waiter_ == nullptr || abort_ || ring_ == nullptr) return;
+    abort_ = true;
+    if ((armed_ || single_) && !cancelling_) {
+        cancelling_ = true;
+        ring_->cancel(this);
+    }
+}
+
+void Ring::Receiver::complete(int result, unsigned flags) {
+    if (single_) {
+        // A receive into the waiter's own room.
+        single_ = false;
+        cancelling_ = false;
+        if (released_ || waiter_ == nullptr) {
+            if (released_) drop();
+            return;
+        }
+        boost::system::error_code ec;
+        std::size_t n = 0;
+        if (result == -ECANCELED)
+            ec = asio::error::operation_aborted;
+        else if (result < 0)
+            ec = boost::system::error_code(-result, boost::system::system_category());
+        else if (result == 0)
+            ec = asio::error::eof;
+        else
+            n = std::size_t(result);
+        finish_wait(ec, n);
+        return;
+    }
+    if (!(flags & IORING_CQE_F_MORE)) {
+        armed_ = false;
+        cancelling_ = false;
+    }
+    if (flags & IORING_CQE_F_BUFFER) {
+        const unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
+        ++ring_->buffers_held_;
+        if (released_ || result <= 0)
+            ring_->give_back(id);
+        else
+            chunks_.push_back({static_cast<std::uint16_t>(id), 0, static_cast<std::uint32_t>(result)});
+    } else if (result == 0) {
+        end_ = asio::error::eof;
+    } else if (result == -EINVAL && !armed_ && chunks_.empty() && !end_) {
+        // A kernel before 6.0 has provided buffers but no multishot receive: from here on,
+        // this ring receives once per wait.
+        ring_->multishot_ = false;
+    } else if (result < 0 && result != -ENOBUFS && result != -ECANCELED) {
+        end_ = boost::system::error_code(-result, boost::system::system_category());
+    }
+    if (released_) {
+        if (!armed_) drop();
+        return;
+    }
+    if (waiter_ == nullptr) {
+        // Nobody reads: past kMaxChunks, stop receiving until the reader catches up.
+        if (armed_ && !cancelling_ && chunks_.size() - head_ >= kMaxChunks) {
+            cancelling_ = true;
+            ring_->cancel(this);
+        }
+        return;
+    }
+    if (queued()) {
+        const std::size_t n = copy_out(room_);
+        finish_wait({}, n);
+        return;
+    }
+    if (end_) {
+        finish_wait(end_, 0);
+        return;
+    }
+    if (armed_) return;
+    if (abort_) {
+        finish_wait(asio::error::operation_aborted, 0);
+        return;
+    }
+    arm();  // ended for want of buffers, or cancelled while the reader caught up
+}
+
+void Ring::Receiver::release() {
+    released_ = true;
+    if (Waiter* waiter = std::exchange(waiter_, nullptr)) waiter->destroy();
+    if (ring_ == nullptr) {
+        drop();
+        return;
+    }
+    while (queued()) {
+        ring_->give_back(chunks_[head_].id);
+        ++head_;
+    }
+    chunks_.clear();
+    head_ = 0;
+    if (armed_ || single_) {
+        if (!cancelling_) {
+            cancelling_ = true;
+            ring_->cancel(this);
+        }
+        return;  // deleted at the kernel's last completion
+    }
+    drop();
+}
+
+void Ring::Receiver::destroy() {
+    // The ring is going away and has taken this receiver's operation back.
+    armed_ = false;
+    single_ = false;
+    if (released_) {
+        drop();
+        return;
+    }
+    if (Waiter* waiter = std::exchange(waiter_, nullptr)) waiter->destroy();  // may release this
 }
 
 #else
@@ -264,7 +554,20 @@ Ring::~Ring() = default;
 void Ring::run() {}
 void Ring::start_recv(int, void*, std::size_t, Op*) {}
 void Ring::start_sendmsg(int, const msghdr*, Op*) {}
+void Ring::start_recv_multishot(int, Op*) {}
 void Ring::cancel(Op*) {}
+Ring::Receiver* Ring::make_receiver(int) { return nullptr; }
+void Ring::give_back(unsigned) {}
+Ring::Receiver::Receiver(Ring& ring, int fd) : ring_(&ring), fd_(fd) {}
+bool Ring::Receiver::take(asio::mutable_buffer, std::size_t& n, boost::system::error_code&) {
+    n = 0;
+    return false;
+}
+void Ring::Receiver::wait(Waiter* waiter, asio::mutable_buffer) { waiter->destroy(); }
+void Ring::Receiver::cancel_wait() {}
+void Ring::Receiver::release() { delete this; }
+void Ring::Receiver::complete(int, unsigned) {}
+void Ring::Receiver::destroy() {}
 #endif
 
 }  // namespace pgwarden::proxy

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <liburing.h>
 
@@ -32,22 +33,27 @@ namespace pgwarden::proxy {
 
 class Ring {
 public:
-    // An operation in flight; its completion runs with the result of its CQE.
-    class Op {
-    public:
-        virtual void complete(int result) = 0;  // deletes the operation
-        virtual void destroy() = 0;             // deletes it without completing (at shutdown)
-        Op* prev = nullptr;
-        Op* next = nullptr;
-
-        // Operations come and go four times per transaction; their memory is recycled
-        // through a small list per thread instead of the heap.
+    // Memory recycled through a small list per thread instead of the heap: operations and
+    // waiting reads come and go several times per transaction.
+    struct Recycled {
         static void* operator new(std::size_t size);
         static void operator delete(void* block, std::size_t size);
+    };
+
+    // An operation in flight; its completion runs with the result and flags of its CQE.
+    // A multishot operation completes once per CQE, the last one without IORING_CQE_F_MORE.
+    class Op : public Recycled {
+    public:
+        virtual void complete(int result, unsigned flags) = 0;  // may delete the operation
+        virtual void destroy() = 0;  // deletes it without completing (at shutdown)
+        Op* prev = nullptr;
+        Op* next = nullptr;
 
     protected:
         ~Op() = default;
     };
+
+    class Receiver;
 
     // A ring for a worker thread running `io`, created on that thread; null and `why` set
     // when io_uring or the Asio internals it needs are not available.
@@ -90,13 +96,24 @@ public:
     // unless it finished first.
     void cancel(Op* op);
 
+    // A receiver for the plain socket `fd` (see Receiver), or null when the kernel gave
+    // this ring no provided buffers. Released with Receiver::release().
+    Receiver* make_receiver(int fd);
+
+    // Provided buffers: the kernel picks one for each receive of a Receiver.
+    static constexpr unsigned kBufferCount = 128;       // a power of two
+    static constexpr unsigned kBufferSize = 16 * 1024;  // a small answer touches one page
+    char* buffer(unsigned id) { return buffers_ + std::size_t(id) * kBufferSize; }
+    void give_back(unsigned id);
+    unsigned buffers_free() const { return kBufferCount - buffers_held_; }
+
 private:
     template <class Handler>
     class HandlerOp final : public Op {
     public:
         HandlerOp(Handler handler, bool eof_on_zero, Op** pending)
             : handler_(std::move(handler)), eof_on_zero_(eof_on_zero), pending_(pending) {}
-        void complete(int result) override {
+        void complete(int result, unsigned) override {
             Handler handler(std::move(handler_));
             const bool eof_on_zero = eof_on_zero_;
             if (pending_) *pending_ = nullptr;
@@ -124,7 +141,10 @@ private:
         Op** pending_;
     };
 
+    friend class Receiver;
     Ring(asio::io_context& io, int epoll_fd);
+    bool setup_buffers();
+    void start_recv_multishot(int fd, Op* op);
     void start_recv(int fd, void* data, std::size_t size, Op* op);
     void start_sendmsg(int fd, const msghdr* message, Op* op);
     io_uring_sqe* next_sqe();
@@ -141,6 +161,104 @@ private:
     bool initialised_ = false;
     bool epoll_watched_ = false;
     Op* in_flight_ = nullptr;  // a list, for destroy() at shutdown
+    Receiver* receivers_ = nullptr;  // every live receiver, detached at shutdown
+    io_uring_buf_ring* buffer_ring_ = nullptr;
+    char* buffers_ = nullptr;
+    unsigned buffers_held_ = 0;  // handed out by the kernel and not given back yet
+    bool multishot_ = true;      // false once the kernel refused a multishot receive
+};
+
+// The receiving side of a plain socket on the ring: one multishot receive stays armed in
+// the kernel and delivers whatever arrives into provided buffers, so that no receive is
+// queued, and no poll armed, per message. Bytes wait here until the relay takes them
+// (take(), which copies them into its own buffer and gives the provided buffer back).
+// While more than kMaxChunks buffers wait, the multishot receive is cancelled, so that a
+// peer that sends faster than the other side takes it fills the socket's window, not
+// pgwarden's memory. Where provided buffers run low it receives into the reader's own
+// room instead, one receive per wait, as without provided buffers.
+//
+// The end of the stream and errors are kept and reported once the bytes before them have
+// been taken, as a socket would. A Receiver belongs to one Stream and is released with it;
+// while the kernel still holds its receive it lives on until the last completion.
+class Ring::Receiver final : public Ring::Op {
+public:
+    Receiver(Ring& ring, int fd);
+
+    // Takes bytes already received into `room`, without waiting: true when it took some
+    // (`n`), or when the stream has ended (`ec`: asio::error::eof or the socket's error).
+    bool take(asio::mutable_buffer room, std::size_t& n, boost::system::error_code& ec);
+
+    // Waits for bytes and takes them, with Asio's completion signature; call it only when
+    // take() returned false. `room` must stay valid until completion.
+    template <class Token>
+    auto async_read(asio::mutable_buffer room, Token&& token) {
+        return asio::async_initiate<Token, void(boost::system::error_code, std::size_t)>(
+            [this, room](auto handler) { wait(new HandlerWaiter<decltype(handler)>(std::move(handler)), room); },
+            token);
+    }
+
+    // Ends a waiting async_read early with asio::error::operation_aborted (unless bytes
+    // come first); does nothing when none waits.
+    void cancel_wait();
+    // The stream is gone: gives the buffers back and ends the receive in the kernel.
+    void release();
+
+    void complete(int result, unsigned flags) override;
+    void destroy() override;
+
+private:
+    friend class Ring;
+    class Waiter : public Recycled {
+    public:
+        virtual void complete(boost::system::error_code ec, std::size_t n) = 0;
+        virtual void destroy() = 0;
+
+    protected:
+        ~Waiter() = default;
+    };
+    template <class Handler>
+    class HandlerWaiter final : public Waiter {
+    public:
+        explicit HandlerWaiter(Handler handler) : handler_(std::move(handler)) {}
+        void complete(boost::system::error_code ec, std::size_t n) override {
+            Handler handler(std::move(handler_));
+            delete this;
+            std::move(handler)(ec, n);
+        }
+        void destroy() override { delete this; }
+
+    private:
+        Handler handler_;
+    };
+    struct Chunk {
+        std::uint16_t id;
+        std::uint32_t offset;
+        std::uint32_t size;
+    };
+    static constexpr std::size_t kMaxChunks = 4;
+
+    ~Receiver() = default;
+    void wait(Waiter* waiter, asio::mutable_buffer room);
+    void arm();
+    void finish_wait(boost::system::error_code ec, std::size_t n);  // the last thing a caller does
+    void drop();  // unlinks from the ring and deletes
+    std::size_t copy_out(asio::mutable_buffer room);
+    bool queued() const { return head_ < chunks_.size(); }
+
+    Ring* ring_;
+    int fd_;
+    std::vector<Chunk> chunks_;
+    std::size_t head_ = 0;               // the first chunk not yet taken
+    boost::system::error_code end_;      // eof or an error, after the chunks
+    Waiter* waiter_ = nullptr;
+    asio::mutable_buffer room_;
+    bool armed_ = false;       // the multishot receive is in the kernel
+    bool single_ = false;      // a single receive into room_ is in the kernel
+    bool cancelling_ = false;  // a cancellation of either is on its way
+    bool abort_ = false;       // the waiter asked to end (cancel_wait)
+    bool released_ = false;    // the stream is gone
+    Receiver* prev_ = nullptr;  // in the ring's list of receivers
+    Receiver* next_ = nullptr;
 };
 
 }  // namespace pgwarden::proxy

@@ -158,7 +158,9 @@ bool Stream::may_read_speculatively(tcp::socket&) { return true; }
 void Stream::use_ring(Ring* ring) {
     if (ring == nullptr || tls_ || ring_ || !socket_.is_open()) return;
     // Asio has nothing in flight on the socket here: the relay has not started.
-    if (leave_reactor(socket_)) ring_ = ring;
+    if (!leave_reactor(socket_)) return;
+    ring_ = ring;
+    receiver_.reset(ring->make_receiver(socket_.native_handle()));
 }
 
 awaitable<void> Stream::write_on_ring(std::size_t skip, error_code& ec) {
@@ -190,7 +192,9 @@ awaitable<std::size_t> Stream::read_exact(asio::mutable_buffer buffer, error_cod
     if (ring_) {
         std::size_t done = 0;
         while (done < buffer.size()) {
-            done += co_await wait_read(buffer + done, ec);
+            std::size_t n = 0;
+            if (!try_read(buffer + done, n, ec)) n = co_await wait_read(buffer + done, ec);
+            done += n;
             if (ec) break;
         }
         co_return done;
@@ -227,6 +231,7 @@ void Stream::cancel() {
     error_code ignored;
     socket_.cancel(ignored);
     if (ring_ && ring_read_) ring_->cancel(ring_read_);
+    if (receiver_) receiver_->cancel_wait();
 }
 
 void Stream::close() {

@@ -34,7 +34,9 @@ public:
     // of ours around it.
     bool try_read(asio::mutable_buffer buffer, std::size_t& n, error_code& ec) {
         n = 0;
-        // On the ring, a read that does not wait would be a system call of its own.
+        // On the ring, bytes the multishot receive brought are taken without a system call;
+        // without it, a read that does not wait would be a system call of its own.
+        if (receiver_) return receiver_->take(buffer, n, ec);
         if (tls_ || ring_ || !make_non_blocking()) return false;
         // A session whose peer keeps sending would never give its thread to the other
         // sessions on it: every so many reads that did not wait, it goes through the
@@ -62,6 +64,7 @@ public:
     // when that is safe (see stream.cpp).
     awaitable<std::size_t> wait_read(asio::mutable_buffer buffer, error_code& ec) {
         reads_without_wait_ = 0;
+        if (receiver_) return receiver_->async_read(buffer, asio::redirect_error(asio::use_awaitable, ec));
         if (ring_)
             return ring_->async_recv(socket_.native_handle(), buffer, &ring_read_,
                                      asio::redirect_error(asio::use_awaitable, ec));
@@ -72,7 +75,7 @@ public:
     }
     // Whether wait_read would first try to read (Asio's speculative read): then a
     // try_read costs nothing more, and when it finds nothing the wait needs no such read.
-    bool reads_before_waiting() { return !tls_ && !ring_ && may_read_speculatively(socket_); }
+    bool reads_before_waiting() { return receiver_ || (!tls_ && !ring_ && may_read_speculatively(socket_)); }
     void note_read(std::size_t n, std::size_t room) {
         if (!ring_ && n > 0 && n < room && wait_completes_inline_ && writes_started_ == writes_at_wait_) mark_drained();
     }
@@ -196,6 +199,12 @@ private:
     Ring* ring_ = nullptr;
     std::vector<iovec> ring_iov_;  // the write in flight on the ring
     Ring::Op* ring_read_ = nullptr;  // the read in flight on the ring
+    struct ReleaseReceiver {
+        void operator()(Ring::Receiver* receiver) const { receiver->release(); }
+    };
+    // The ring's receiving side of this socket, when the ring has provided buffers.
+    // Declared after socket_: released before the socket closes.
+    std::unique_ptr<Ring::Receiver, ReleaseReceiver> receiver_;
 };
 
 }  // namespace pgwarden::proxy
