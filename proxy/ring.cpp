@@ -420,7 +420,7 @@ void Ring::Receiver::arm() {
         ring_->track(this);
         io_uring_sqe* sqe = ring_->next_sqe();
         io_uring_prep_recv(sqe, fd_, room_.data(), room_.size(), 0);
-        io_uring_sqe_set_data(sqe, this);
+        io_uring_sqe_set_data(sqe, static_cast<Op*>(this));
     }
 }
 
@@ -469,13 +469,16 @@ void Ring::Receiver::complete(int result, unsigned flags) {
     if (flags & IORING_CQE_F_BUFFER) {
         const unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
         ++ring_->buffers_held_;
-        if (released_ || result <= 0)
+        if (released_ || result <= 0) {
             ring_->give_back(id);
-        else
+        } else {
             chunks_.push_back({static_cast<std::uint16_t>(id), 0, static_cast<std::uint32_t>(result)});
+            delivered_ = true;
+        }
+        if (result == 0) end_ = asio::error::eof;  // today's kernels keep the buffer then
     } else if (result == 0) {
         end_ = asio::error::eof;
-    } else if (result == -EINVAL && !armed_ && chunks_.empty() && !end_) {
+    } else if (result == -EINVAL && !delivered_) {
         // A kernel before 6.0 has provided buffers but no multishot receive: from here on,
         // this ring receives once per wait.
         ring_->multishot_ = false;
@@ -512,6 +515,9 @@ void Ring::Receiver::complete(int result, unsigned flags) {
 }
 
 void Ring::Receiver::release() {
+    // A single receive into room_ cannot be in flight here with its room already freed: a
+    // reader that waits holds its session, so the stream is released only once the wait
+    // ended, or from ~Ring, whose drain has the kernel finish before memory is freed.
     released_ = true;
     if (Waiter* waiter = std::exchange(waiter_, nullptr)) waiter->destroy();
     if (ring_ == nullptr) {

@@ -172,9 +172,12 @@ private:
 // the kernel and delivers whatever arrives into provided buffers, so that no receive is
 // queued, and no poll armed, per message. Bytes wait here until the relay takes them
 // (take(), which copies them into its own buffer and gives the provided buffer back).
-// While more than kMaxChunks buffers wait, the multishot receive is cancelled, so that a
-// peer that sends faster than the other side takes it fills the socket's window, not
-// pgwarden's memory. Where provided buffers run low it receives into the reader's own
+// Once kMaxChunks buffers wait, the multishot receive is cancelled, so that a peer that
+// sends faster than the other side takes it fills the socket's window, not pgwarden's
+// memory. The cancellation reaches the kernel at the next turn, after what the receive
+// took in this one (the kernel retries a multishot receive up to 32 times while the
+// socket has data), so a stalled direction may hold that many more until its reader
+// catches up; when few are left, the others receive into their own room (below). Where provided buffers run low it receives into the reader's own
 // room instead, one receive per wait, as without provided buffers.
 //
 // The end of the stream and errors are kept and reported once the bytes before them have
@@ -257,6 +260,7 @@ private:
     bool cancelling_ = false;  // a cancellation of either is on its way
     bool abort_ = false;       // the waiter asked to end (cancel_wait)
     bool released_ = false;    // the stream is gone
+    bool delivered_ = false;   // a multishot receive has brought bytes
     Receiver* prev_ = nullptr;  // in the ring's list of receivers
     Receiver* next_ = nullptr;
 };
