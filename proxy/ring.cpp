@@ -417,10 +417,7 @@ void Ring::Receiver::arm() {
         ring_->start_recv_multishot(fd_, this);
     } else {
         single_ = true;
-        ring_->track(this);
-        io_uring_sqe* sqe = ring_->next_sqe();
-        io_uring_prep_recv(sqe, fd_, room_.data(), room_.size(), 0);
-        io_uring_sqe_set_data(sqe, static_cast<Op*>(this));
+        ring_->start_recv(fd_, room_.data(), room_.size(), this);
     }
 }
 
@@ -450,15 +447,7 @@ void Ring::Receiver::complete(int result, unsigned flags) {
             return;
         }
         boost::system::error_code ec;
-        std::size_t n = 0;
-        if (result == -ECANCELED)
-            ec = asio::error::operation_aborted;
-        else if (result < 0)
-            ec = boost::system::error_code(-result, boost::system::system_category());
-        else if (result == 0)
-            ec = asio::error::eof;
-        else
-            n = std::size_t(result);
+        const std::size_t n = transferred(result, true, ec);
         finish_wait(ec, n);
         return;
     }

@@ -108,6 +108,20 @@ public:
     unsigned buffers_free() const { return kBufferCount - buffers_held_; }
 
 private:
+    // A CQE's result as Asio reports a transfer: the bytes, or `ec` (a cancellation, the
+    // socket's error, or, for a receive, the end of the stream on 0).
+    static std::size_t transferred(int result, bool eof_on_zero, boost::system::error_code& ec) {
+        if (result == -ECANCELED)
+            ec = asio::error::operation_aborted;
+        else if (result < 0)
+            ec = boost::system::error_code(-result, boost::system::system_category());
+        else if (result == 0 && eof_on_zero)
+            ec = asio::error::eof;
+        else
+            return std::size_t(result);
+        return 0;
+    }
+
     template <class Handler>
     class HandlerOp final : public Op {
     public:
@@ -119,15 +133,7 @@ private:
             if (pending_) *pending_ = nullptr;
             delete this;
             boost::system::error_code ec;
-            std::size_t n = 0;
-            if (result == -ECANCELED)
-                ec = asio::error::operation_aborted;
-            else if (result < 0)
-                ec = boost::system::error_code(-result, boost::system::system_category());
-            else if (result == 0 && eof_on_zero)
-                ec = asio::error::eof;
-            else
-                n = std::size_t(result);
+            const std::size_t n = transferred(result, eof_on_zero, ec);
             std::move(handler)(ec, n);
         }
         void destroy() override {
